@@ -1,0 +1,2 @@
+"""diffusion_jax: linear phase-space diffusion models in JAX/Flax."""
+__version__ = "0.1.0"

@@ -1,0 +1,180 @@
+"""The families of the five papers as small definitions on the linear core (DESIGN.md section 2)."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Callable, Sequence
+
+import numpy as np
+
+from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.schedules import ConstantBeta, GeometricSigma, LinearBeta
+
+
+def _positive(family: str, **values: float) -> None:
+    for name, v in values.items():
+        if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{family}: {name} must be a positive finite number, got {v!r}")
+
+
+def vp(beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0, t_min: float = 1e-5) -> LinearSDE:
+    """Variance preserving: A = -1/2, Q = 1, linear beta (score_sde's VP SDE)."""
+    _positive("vp", beta_min=beta_min, beta_max=beta_max)
+    return LinearSDE("vp", [[-0.5]], [[1.0]], LinearBeta(beta_min, beta_max), (), T, t_min,
+                     dict(beta_min=beta_min, beta_max=beta_max))
+
+
+def ve(sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0, t_min: float = 1e-5) -> LinearSDE:
+    """Variance exploding: A = 0, Q = 1, beta = d sigma^2/dt with geometric sigma(t)."""
+    _positive("ve", sigma_min=sigma_min, sigma_max=sigma_max)
+    return LinearSDE("ve", [[0.0]], [[1.0]], GeometricSigma(sigma_min, sigma_max), (), T, t_min,
+                     dict(sigma_min=sigma_min, sigma_max=sigma_max))
+
+
+def cld(beta: float = 4.0, m_inv: float = 4.0, gamma: float | None = None, init_gamma: float = 0.04,
+        T: float = 1.0, t_min: float = 1e-5) -> LinearSDE:
+    """Critically-damped Langevin (Dockhorn et al.): A = [[0, M^-1], [-1, -Gamma M^-1]], Q = diag(0, 2 Gamma).
+
+    ``gamma`` (friction Gamma) defaults to critical damping Gamma^2 = 4 M, i.e. Gamma = 2 / sqrt(M^-1).
+    The velocity starts as N(0, init_gamma * M) (HSM). Stationary law N(0, diag(1, M)).
+    """
+    _positive("cld", beta=beta, m_inv=m_inv, init_gamma=init_gamma)
+    if gamma is None:
+        gamma = 2.0 / math.sqrt(m_inv)
+    _positive("cld", gamma=gamma)
+    m = 1.0 / m_inv
+    a = [[0.0, m_inv], [-1.0, -gamma * m_inv]]
+    q = [[0.0, 0.0], [0.0, 2.0 * gamma]]
+    return LinearSDE("cld", a, q, ConstantBeta(beta), (init_gamma * m,), T, t_min,
+                     dict(beta=beta, m_inv=m_inv, gamma=gamma, init_gamma=init_gamma))
+
+
+def _hold_matrices(g: Sequence[float], xi: float) -> tuple[np.ndarray, np.ndarray]:
+    n = len(g) + 1
+    a = np.zeros((n, n))
+    for i, gi in enumerate(g):
+        a[i, i + 1] = gi
+        a[i + 1, i] = -gi
+    a[n - 1, n - 1] = -xi
+    q = np.zeros((n, n))
+    q[n - 1, n - 1] = 2.0 * xi
+    return a, q
+
+
+def hold(g: Sequence[float], xi: float, beta: float = 4.0, init_var: float | Sequence[float] = 0.04,
+         T: float = 1.0, t_min: float = 1e-5, name: str = "hold", extra: dict | None = None) -> LinearSDE:
+    """Higher-order Langevin dynamics of order n = len(g) + 1.
+
+    A is tridiagonal with A[i, i+1] = g_i, A[i+1, i] = -g_i and A[n-1, n-1] = -xi; Q = diag(0, ..., 0, 2 xi).
+    A + A^T = -Q, so the stationary law is N(0, I_n) whenever A is stable (all g_i != 0, xi > 0).
+    """
+    g = [float(v) for v in np.atleast_1d(np.asarray(g, dtype=np.float64))] if len(np.atleast_1d(g)) else []
+    n = len(g) + 1
+    _positive(name, beta=beta, xi=xi)
+    if any(not math.isfinite(v) for v in g):
+        raise ValueError(f"{name}: couplings g must be finite, got {g}")
+    if any(v == 0 for v in g):
+        raise ValueError(f"{name}: every coupling g_i must be non-zero (a zero decouples coordinates and "
+                         f"leaves A unstable), got g={g}")
+    a, q = _hold_matrices(g, xi)
+    spectral_abscissa = np.linalg.eigvals(a).real.max()
+    if not spectral_abscissa < 0:
+        raise ValueError(f"{name}: A is not stable (max Re eig = {spectral_abscissa:.3g}) for g={g}, xi={xi}")
+    init = np.broadcast_to(np.asarray(init_var, dtype=np.float64), (n - 1,))
+    params = dict(g=tuple(g), xi=xi, beta=beta, init_var=tuple(float(v) for v in init))
+    params.update(extra or {})
+    return LinearSDE(name, a, q, ConstantBeta(beta), tuple(init), T, t_min, params)
+
+
+def critical_damping(n: int) -> tuple[float, tuple[float, ...], float]:
+    """Critically-damped HOLD parameters of order n: (lambda, g, xi) with g_1 = 1.
+
+    det(sI - A) = (s + lambda)^n. The characteristic polynomial of the tridiagonal A is the continuant
+    D_n = (s + xi) D_{n-1} + g_{n-1}^2 D_{n-2}, D_{j+1} = s D_j + g_j^2 D_{j-1}, D_0 = 1, D_1 = s, where D_j
+    (j < n) has the parity of j. Splitting (s + 1)^n into its parts of parity n-1 and n gives
+    xi D_{n-1} and s D_{n-1} + g_{n-1}^2 D_{n-2}; the continuant recursion then peels off every g_j^2
+    (a Euclidean algorithm), exactly in rational arithmetic for lambda = 1. Rescaling time so that
+    g_1 = 1 fixes lambda. n = 1 has no coupling: lambda = xi = 1.
+    """
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"cdhold: order n must be an integer >= 1, got {n!r}")
+    n = int(n)
+    if n == 1:
+        return 1.0, (), 1.0
+    binom = [Fraction(math.comb(n, j)) for j in range(n + 1)]          # (s+1)^n, coefficient of s^j
+    odd_part = [c if (j % 2) == ((n - 1) % 2) else Fraction(0) for j, c in enumerate(binom)]
+    even_part = [c if (j % 2) == (n % 2) else Fraction(0) for j, c in enumerate(binom)]
+    xi = odd_part[n - 1]                                               # = n (lambda = 1)
+    d_hi = [c / xi for c in odd_part[:n]]                              # D_{n-1}, monic
+    rem = [even_part[j] - (d_hi[j - 1] if j >= 1 else 0) for j in range(n + 1)]
+    g2 = [Fraction(0)] * (n - 1)
+    for j in range(n - 1, 0, -1):                                      # rem = g_j^2 D_{j-1}
+        deg = j - 1
+        if any(c != 0 for c in rem[deg + 1:]):
+            raise ArithmeticError("continuant recursion failed (degree mismatch)")
+        g2[j - 1] = rem[deg]
+        if g2[j - 1] <= 0:
+            raise ArithmeticError(f"critical damping has no real coupling at n={n}")
+        d_lo = [c / g2[j - 1] for c in rem[:deg + 1]]                  # D_{j-1}
+        rem = [(d_hi[i] if i < len(d_hi) else 0) - (d_lo[i - 1] if 1 <= i <= len(d_lo) else 0)
+               for i in range(max(len(d_hi), len(d_lo) + 1))]
+        d_hi = d_lo
+    if d_hi != [Fraction(1)]:
+        raise ArithmeticError("continuant recursion did not end at D_0 = 1")
+    scale2 = 1 / g2[0]                                                 # lambda^2 after g_1 -> 1
+    lam = math.sqrt(scale2)
+    g = tuple(math.sqrt(v * scale2) for v in g2)
+    return lam, g, float(n) * lam
+
+
+def cdhold(n: int = 3, beta: float = 4.0, init_var: float | Sequence[float] = 0.04, T: float = 1.0,
+           t_min: float = 1e-5) -> LinearSDE:
+    """Critically-damped HOLD of any order n >= 1: every eigenvalue of A equals -lambda, lambda^2 = 2n - 3."""
+    lam, g, xi = critical_damping(n)
+    return hold(g, xi, beta, init_var, T, t_min, name="cdhold", extra=dict(n=int(n), lam=lam))
+
+
+def told(beta: float = 4.0, init_var: float | Sequence[float] = 0.04, T: float = 1.0,
+         t_min: float = 1e-5) -> LinearSDE:
+    """TOLD++: cdhold with n = 3 (g = (1, 2 sqrt 2), xi = 3 sqrt 3)."""
+    sde = cdhold(3, beta, init_var, T, t_min)
+    sde.name = "told"
+    return sde
+
+
+def psld(beta: float = 8.0, gamma: float = 0.01, nu: float = 4.01, m_inv: float | None = None,
+         init_kappa: float = 0.04, T: float = 1.0, t_min: float = 1e-5) -> LinearSDE:
+    """Phase-space Langevin diffusion (Pandey & Mandt): A = 1/2 [[-Gamma, M^-1], [-1, -nu]], Q = diag(Gamma, M nu).
+
+    ``m_inv`` defaults to critical damping (Gamma - nu)^2 = 4 M^-1. Stationary law N(0, diag(1, M)).
+    Gamma = 0 is CLD with beta_CLD = beta / 2 and friction Gamma_CLD = M nu.
+    """
+    _positive("psld", beta=beta, nu=nu, init_kappa=init_kappa)
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"psld: gamma must be finite and >= 0, got {gamma!r}")
+    if m_inv is None:
+        m_inv = (gamma - nu) ** 2 / 4.0
+    _positive("psld", m_inv=m_inv)
+    m = 1.0 / m_inv
+    a = 0.5 * np.array([[-gamma, m_inv], [-1.0, -nu]])
+    q = np.diag([gamma, m * nu])
+    return LinearSDE("psld", a, q, ConstantBeta(beta), (init_kappa * m,), T, t_min,
+                     dict(beta=beta, gamma=gamma, nu=nu, m_inv=m_inv, init_kappa=init_kappa))
+
+
+FAMILIES: dict[str, Callable[..., LinearSDE]] = {
+    "vp": vp, "ve": ve, "cld": cld, "hold": hold, "cdhold": cdhold, "told": told, "psld": psld,
+}
+
+
+def make(name: str, **params) -> LinearSDE:
+    """Build a family by name, e.g. ``make("cdhold", n=4)``; ``params`` are the builder's keywords."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown SDE family {name!r}; known families: {', '.join(sorted(FAMILIES))}")
+    builder = FAMILIES[name]
+    try:
+        return builder(**params)
+    except TypeError as e:
+        import inspect
+        raise ValueError(f"{name}: bad parameters {sorted(params)} ({e}); "
+                         f"{name} accepts {list(inspect.signature(builder).parameters)}") from None

@@ -1,0 +1,85 @@
+"""The linear core against independent float64 computations (ODE quadrature of the moment equations)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import sdes
+from reference import moments_by_ode
+
+TIMES = [1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0]
+FAMILIES = [("vp", {}), ("ve", {}), ("cld", {}), ("psld", {}), ("told", {}),
+            ("hold", dict(g=(1.0, 0.7, 2.0), xi=1.5))] + [("cdhold", dict(n=n)) for n in range(1, 9)]
+IDS = [f"{n}-{'-'.join(str(v) for v in p.values())}" if p else n for n, p in FAMILIES]
+
+
+def _phi_tolerance(sde, phi_ref, b):
+    """1e-5 of each entry's local scale |Phi_ij| + |B dPhi_ij/dB| (relative, except at zero crossings)."""
+    return 1e-5 * (np.abs(phi_ref) + np.abs(b * sde.A @ phi_ref))
+
+
+@pytest.mark.parametrize("name,params", FAMILIES, ids=IDS)
+def test_transition_and_covariance_match_float64_ode(name, params):
+    sde = sdes.make(name, **params)
+    ts = jnp.asarray(TIMES + [sde.T], jnp.float32)
+    phi, sigma, chol = jax.jit(lambda t: (sde.transition(0.0, t), sde.covariance(t), sde.cholesky(t)))(ts)
+    assert phi.dtype == jnp.float32 and sigma.dtype == jnp.float32
+    phi, sigma, chol = (np.asarray(a, np.float64) for a in (phi, sigma, chol))
+    for i, t in enumerate(np.asarray(ts, np.float64)):
+        b = float(sde.schedule.integral(t, np))
+        phi_ref, sigma_ref = moments_by_ode(sde.A, sde.Q, sde.sigma0, b)
+        d = np.sqrt(np.diag(sigma_ref))
+        scale = np.outer(d, d)
+        assert np.all(np.abs(sigma[i] - sigma_ref) <= 1e-5 * scale), (t, np.abs(sigma[i] - sigma_ref) / scale)
+        llt = chol[i] @ chol[i].T
+        assert np.all(np.abs(llt - sigma_ref) <= 1e-5 * scale), (t, np.abs(llt - sigma_ref) / scale)
+        assert np.allclose(np.triu(chol[i], 1), 0) and np.all(np.diag(chol[i]) > 0)
+        tol = _phi_tolerance(sde, phi_ref, b)
+        assert np.all(np.abs(phi[i] - phi_ref) <= tol), (t, np.abs(phi[i] - phi_ref) / tol)
+
+
+@pytest.mark.parametrize("name,params", [("cld", {}), ("cdhold", dict(n=5)), ("vp", {})])
+def test_transition_between_times_and_backwards(name, params):
+    sde = sdes.make(name, **params)
+    s, t = 0.3, 0.7
+    b = float(sde.schedule.integral(t, np) - sde.schedule.integral(s, np))
+    phi_ref, _ = moments_by_ode(sde.A, sde.Q, sde.sigma0, b)
+    fwd = np.asarray(sde.transition(s, t), np.float64)
+    back = np.asarray(sde.transition(t, s), np.float64)
+    assert np.all(np.abs(fwd - phi_ref) <= _phi_tolerance(sde, phi_ref, b))
+    inv_ref = np.linalg.inv(phi_ref)
+    assert np.allclose(back, inv_ref, rtol=1e-4, atol=1e-5 * np.abs(inv_ref).max())
+
+
+def test_grad_of_covariance_matches_moment_equation():
+    """d Sigma / dt = beta(t) (A Sigma + Sigma A^T + Q), through jax.grad of the float32 core."""
+    sde = sdes.make("cdhold", n=3)
+    for t in [1e-3, 0.05, 0.6]:
+        jac = np.asarray(jax.jacfwd(sde.covariance)(jnp.float32(t)), np.float64)
+        b = float(sde.schedule.integral(t, np))
+        _, s = moments_by_ode(sde.A, sde.Q, sde.sigma0, b)
+        ref = sde.schedule.beta(np.float64(t), np) * (sde.A @ s + s @ sde.A.T + sde.Q)
+        assert np.allclose(jac, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max()), (t, jac, ref)
+
+
+def test_vmap_matches_batched_call():
+    sde = sdes.make("psld")
+    ts = jnp.linspace(1e-3, 1.0, 7)
+    assert np.allclose(jax.vmap(sde.covariance)(ts), sde.covariance(ts), rtol=1e-6, atol=1e-9)
+    assert sde.covariance(ts.reshape(7, 1)).shape == (7, 1, 2, 2)
+
+
+def test_ve_marginal_variance_closed_form():
+    sde = sdes.make("ve", sigma_min=0.01, sigma_max=50.0)
+    for t in TIMES:
+        exact = 0.01 ** 2 * ((50.0 / 0.01) ** (2 * t) - 1.0)
+        assert abs(float(sde.covariance(t)[0, 0]) / exact - 1) < 1e-5
+    assert np.isclose(sde.prior_covariance[0, 0], 50.0 ** 2 - 0.01 ** 2, rtol=1e-10)
+
+
+def test_vp_marginal_closed_form():
+    sde = sdes.make("vp")
+    for t in TIMES:
+        b = 0.1 * t + 0.5 * 19.9 * t * t
+        assert abs(float(sde.transition(0.0, t)[0, 0]) - np.exp(-0.5 * b)) < 1e-6
+        assert abs(float(sde.covariance(t)[0, 0]) / (-np.expm1(-b)) - 1) < 1e-5
