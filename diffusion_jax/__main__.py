@@ -10,10 +10,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tour = sub.add_parser("tour", help="print the families and plot their marginals")
     tour.add_argument("--out", default="demo_out", help="output folder for the PNG")
+    bench = sub.add_parser("bench-solvers", help="exact-score sampler error versus NFE for every family")
+    bench.add_argument("--out", default="bench_out/solvers")
+    bench.add_argument("--families", default=None, help="comma list (vp,cld,told,cdhold4,psld)")
+    bench.add_argument("--samplers", default=None, help="comma list, see diffusion_jax.bench_solvers.SAMPLERS")
+    bench.add_argument("--nfe", default=None, help="comma list of NFE (default 5,10,20,50,100,200,500,1000)")
+    bench.add_argument("--n-samples", type=int, default=256)
     args = parser.parse_args(argv)
     if args.command == "tour":
         from diffusion_jax.tour import run_tour
         run_tour(args.out)
+    elif args.command == "bench-solvers":
+        from diffusion_jax import bench_solvers
+        split = lambda v: v.split(",") if v else None
+        nfes = tuple(int(n) for n in args.nfe.split(",")) if args.nfe else bench_solvers.NFES
+        bench_solvers.run(args.out, split(args.families), split(args.samplers), nfes, args.n_samples)
     return 0
 
 

@@ -134,7 +134,8 @@ class LinearSDE:
     def _build_tables(self) -> None:
         k = self.order
         rho = float(np.abs(self.A).sum(axis=1).max())
-        b_max = float(self.schedule.integral(np.float64(self.T), np)) * 1.05
+        # 5% beyond B(T), and past T by 2% in t (the R_t table of param.py reaches just beyond T)
+        b_max = float(self.schedule.integral(np.float64(self.T * 1.02), np)) * 1.05
         if rho > 0:
             h = 2.0 ** math.floor(math.log2(0.25 / rho))
         else:

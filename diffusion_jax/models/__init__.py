@@ -1,0 +1,25 @@
+"""Score / denoiser networks: ``get_model(name, **kwargs)``.
+
+The networks only map ``(x, t_embed_input, train)`` to an output; they know nothing
+about diffusion families or preconditioning.
+"""
+from typing import Any, Callable, Dict
+
+import flax.linen as nn
+
+from diffusion_jax.models.ddpmpp import DDPMpp
+from diffusion_jax.models.mlp import MLP
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "ddpmpp": DDPMpp}
+
+
+def get_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the network called ``name`` ("mlp" or "ddpmpp") with ``kwargs`` as its fields."""
+    try:
+        cls = MODELS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+    return cls(**kwargs)
+
+
+__all__ = ["MLP", "DDPMpp", "MODELS", "get_model"]

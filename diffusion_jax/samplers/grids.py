@@ -1,0 +1,74 @@
+"""Time grids for fixed-step samplers: decreasing arrays t_0 = t_start > ... > t_N = t_end (float64, host)."""
+from __future__ import annotations
+
+import numpy as np
+
+from diffusion_jax.sdes.linear import LinearSDE
+
+GRIDS = ("uniform", "quadratic", "logsnr", "edm")
+
+
+def noise_level(sde: LinearSDE, t: np.ndarray) -> np.ndarray:
+    """sigma(t) = sqrt(Sigma_t[x, x]) / m_t[x]: the noise-to-signal ratio of the data coordinate.
+
+    For VE it is sqrt(B(t)) (EDM's sigma); for VP sqrt(e^B - 1) (EDM's sigma of VP).
+    """
+    t = np.atleast_1d(np.asarray(t, np.float64))
+    out = np.empty_like(t)
+    for i, ti in enumerate(t):
+        m = sde.transition_np(0.0, ti)[0, 0]
+        out[i] = np.sqrt(sde.covariance_np(ti)[0, 0]) / m
+    return out
+
+
+def _invert_monotone(sde: LinearSDE, t_start: float, t_end: float, target: np.ndarray, fn) -> np.ndarray:
+    """t with fn(t) = target for an increasing fn on [t_end, t_start], by dense log-t table + bisection."""
+    dense = np.geomspace(t_end, t_start, 2049)
+    vals = fn(dense)
+    if not np.all(np.diff(vals) > 0):
+        raise ValueError(f"{sde.name}: the noise level is not monotone on [{t_end}, {t_start}]")
+    out = np.empty_like(target)
+    for i, v in enumerate(target):
+        j = int(np.clip(np.searchsorted(vals, v), 1, len(dense) - 1))
+        lo, hi = dense[j - 1], dense[j]
+        for _ in range(60):                       # bisection on the exact function: no interpolation error
+            mid = 0.5 * (lo + hi)
+            if fn(np.array([mid]))[0] < v:
+                lo = mid
+            else:
+                hi = mid
+        out[i] = 0.5 * (lo + hi)
+    return out
+
+
+def time_grid(sde: LinearSDE, n_steps: int, kind: str = "uniform", t_start: float | None = None,
+              t_end: float | None = None, rho: float = 7.0) -> np.ndarray:
+    """N + 1 decreasing times from ``t_start`` (default T) to ``t_end`` (default t_min).
+
+    * ``uniform``: equal steps in t;  ``quadratic``: t = t_end + (t_start - t_end) s^2, s uniform;
+    * ``logsnr``: equal steps in log(m_t^2 / Sigma_t[x, x]);
+    * ``edm``: Karras et al.'s rho-schedule on the noise level sigma(t) (``rho`` = 7).
+    """
+    if kind not in GRIDS:
+        raise ValueError(f"unknown time grid {kind!r}; choose one of {GRIDS}")
+    if not (isinstance(n_steps, (int, np.integer)) and n_steps >= 1):
+        raise ValueError(f"need at least one step, got n_steps={n_steps!r}")
+    t_start = sde.T if t_start is None else float(t_start)
+    t_end = sde.t_min if t_end is None else float(t_end)
+    if not (0 < t_end < t_start <= sde.T):
+        raise ValueError(f"need 0 < t_end < t_start <= T={sde.T}, got t_end={t_end}, t_start={t_start}")
+    s = np.linspace(1.0, 0.0, n_steps + 1)
+    if kind == "uniform":
+        grid = t_end + (t_start - t_end) * s
+    elif kind == "quadratic":
+        grid = t_end + (t_start - t_end) * s * s
+    elif kind == "logsnr":
+        neg_logsnr = lambda t: 2 * np.log(noise_level(sde, t))
+        lo, hi = neg_logsnr(np.array([t_end, t_start]))
+        grid = _invert_monotone(sde, t_start, t_end, lo + (hi - lo) * s, neg_logsnr)
+    else:
+        lo, hi = noise_level(sde, np.array([t_end, t_start]))
+        sig = (lo ** (1 / rho) + s * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho
+        grid = _invert_monotone(sde, t_start, t_end, sig, lambda t: noise_level(sde, t))
+    grid[0], grid[-1] = t_start, t_end
+    return grid
