@@ -1,0 +1,73 @@
+"""The gDDIM square root R_t and the eps / score / denoiser conversions."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.integrate import solve_ivp
+
+from diffusion_jax import param, sdes
+from reference import moments_by_ode
+
+FAMS = [("vp", {}), ("ve", {}), ("cld", {}), ("psld", {}), ("told", {}), ("cdhold", {"n": 4})]
+
+
+@pytest.mark.parametrize("name,params", FAMS, ids=[f[0] + str(f[1].get("n", "")) for f in FAMS])
+def test_r_squares_to_sigma(name, params):
+    sde = sdes.make(name, **params)
+    sq = param.square_root(sde, "R")
+    ts = np.array([1e-5, 3e-5, 1e-3, 0.05, 0.37, 1.0])
+    r = np.asarray(sq(jnp.asarray(ts, jnp.float32)), np.float64)
+    for i, t in enumerate(ts):
+        _, s = moments_by_ode(sde.A, sde.Q, sde.sigma0, float(sde.schedule.integral(t, np)))
+        d = np.sqrt(np.diag(s))
+        assert np.all(np.abs(r[i] @ r[i].T - s) <= 1e-5 * np.outer(d, d)), t
+
+
+def test_r_solves_its_ode():
+    """R_t from the table equals an independent float64 solve of dR/dt = (F + 1/2 G G^T Sigma^-1) R."""
+    sde = sdes.make("told")
+    sq = param.square_root(sde, "R")
+
+    def rhs(t, y):
+        beta = sde.schedule.beta(np.float64(t), np)
+        s = sde.covariance_np(t)          # checked against the moment ODE in test_sde_core
+        m = beta * sde.A + 0.5 * beta * sde.Q @ np.linalg.inv(s)
+        return (m @ y.reshape(3, 3)).ravel()
+
+    sol = solve_ivp(rhs, (1.0, 0.05), sq.np(1.0).ravel(), method="Radau", rtol=1e-9, atol=1e-11,
+                    t_eval=[0.5, 0.2, 0.05])
+    for j, t in enumerate(sol.t):
+        assert np.allclose(np.asarray(sq(t), np.float64), sol.y[:, j].reshape(3, 3), rtol=1e-4, atol=1e-5), t
+
+
+def test_conversions_round_trip():
+    sde = sdes.make("psld")
+    t = 0.3
+    k_t = sde.cholesky(t)            # sample_marginal draws u = m x0 + L z
+    m_t = sde.mean_coefficient(t)
+    key1, key2 = jax.random.split(jax.random.PRNGKey(0))
+    x0 = jax.random.normal(key1, (4, 5))
+    u, z = sde.sample_marginal(key2, x0, t)
+    # the true eps of u given x0 is z: the denoiser x0 maps to it and back
+    eps = param.eps_from_denoiser(u, x0, m_t, k_t)
+    assert np.allclose(eps, z, atol=1e-4)
+    assert np.allclose(param.denoiser_from_eps(u, z, m_t, k_t), x0, atol=1e-4)
+    s = param.score_from_eps(z, k_t)
+    # score of N(m x0, Sigma) at u: -Sigma^{-1}(u - m x0)
+    sig = np.asarray(sde.covariance(t), np.float64)
+    res = np.asarray(u, np.float64) - np.asarray(x0, np.float64)[..., None] * np.asarray(m_t, np.float64)
+    ref = -np.einsum("ij,...j->...i", np.linalg.inv(sig), res)
+    assert np.allclose(s, ref, rtol=1e-4, atol=1e-4)
+    assert np.allclose(param.eps_from_score(s, k_t), z, atol=1e-4)
+    # with R: R eps_R = L z
+    r_t = param.square_root(sde, "R")(t)
+    eps_r = param.eps_from_denoiser(u, x0, m_t, r_t)
+    assert np.allclose(np.einsum("ij,...j->...i", r_t, eps_r), np.einsum("ij,...j->...i", k_t, z), atol=1e-4)
+
+
+def test_unknown_square_root_and_output():
+    sde = sdes.make("cld")
+    with pytest.raises(ValueError, match="unknown square root 'Q'"):
+        param.SquareRoot(sde, "Q")
+    with pytest.raises(ValueError, match="unknown model output 'v'"):
+        param.Model(sde, lambda u, t: u, output="v")
