@@ -16,6 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--samplers", default=None, help="comma list, see diffusion_jax.bench_solvers.SAMPLERS")
     bench.add_argument("--nfe", default=None, help="comma list of NFE (default 5,10,20,50,100,200,500,1000)")
     bench.add_argument("--n-samples", type=int, default=256)
+    over = sub.add_parser("bench-overhead", help="gDDIM sampler cost with a trivial fn vs DDPM++")
+    over.add_argument("--family", default="cld")
+    over.add_argument("--batch", type=int, default=256)
+    over.add_argument("--nfe", type=int, default=50)
+    over.add_argument("--net-batch", type=int, default=8, help="batch for timing the network forward")
     args = parser.parse_args(argv)
     if args.command == "tour":
         from diffusion_jax.tour import run_tour
@@ -25,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         split = lambda v: v.split(",") if v else None
         nfes = tuple(int(n) for n in args.nfe.split(",")) if args.nfe else bench_solvers.NFES
         bench_solvers.run(args.out, split(args.families), split(args.samplers), nfes, args.n_samples)
+    elif args.command == "bench-overhead":
+        from diffusion_jax import bench_overhead
+        bench_overhead.run(args.family, args.batch, args.nfe, args.net_batch)
     return 0
 
 
