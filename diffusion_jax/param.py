@@ -23,7 +23,6 @@ import functools
 import math
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.integrate import solve_ivp

@@ -18,7 +18,6 @@ Methods (probability-flow ODE du/dt = F u - 1/2 G G^T s; reverse SDE du = [F u -
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import diffrax

@@ -28,7 +28,7 @@ eps * sqrt(Sigma_ii Sigma_jj): exactly the scaled accuracy the data coordinate n
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
