@@ -6,8 +6,14 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":           # absl + ml_collections flags (score_sde style)
+        from diffusion_jax.training.cli import main as train_main
+        train_main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m diffusion_jax")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train: --config configs/<name>.py --workdir DIR [--config.key=value ...]")
     tour = sub.add_parser("tour", help="print the families and plot their marginals")
     tour.add_argument("--out", default="demo_out", help="output folder for the PNG")
     bench = sub.add_parser("bench-solvers", help="exact-score sampler error versus NFE for every family")

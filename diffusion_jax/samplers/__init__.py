@@ -174,7 +174,8 @@ def _diffrax_adaptive(sde, model, u_init, method, t_start, t_end, rtol, atol, ma
                                   -(t_start - t_end) / 64, u0,
                                   stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
                                   saveat=saveat, max_steps=max_steps)
-        return sol.ys, sol.stats["num_steps"], sol.stats["num_rejected_steps"], sol.result
+        # diffrax's num_steps counts every attempted step (accepted + rejected).
+        return sol.ys, sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"], sol.result
 
     ys, n_acc, n_rej, result = run(u_init)
     if not bool(result == diffrax.RESULTS.successful):

@@ -1,0 +1,6 @@
+"""CIFAR-10, vp, DDPM++ (cont.) at paper scale."""
+from diffusion_jax.configs import cifar10
+
+
+def get_config():
+    return cifar10("vp")

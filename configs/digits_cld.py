@@ -1,0 +1,6 @@
+"""scikit-learn 8x8 digits (embedded, offline), cld, small DDPM++."""
+from diffusion_jax.configs import digits
+
+
+def get_config():
+    return digits("cld")

@@ -1,0 +1,6 @@
+"""Toy 2-D checkerboard, cld."""
+from diffusion_jax.configs import toy2d
+
+
+def get_config():
+    return toy2d("cld")

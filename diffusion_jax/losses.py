@@ -1,0 +1,117 @@
+r"""Score-matching losses for every linear family, in eps-prediction form (DESIGN.md section 3).
+
+The network predicts eps w.r.t. a square root K_t of Sigma_t (K K^T = Sigma_t; ``K="R"``, gDDIM, or
+``"L"``, Cholesky), i.e. its score is s_theta(u, t) = -K_t^{-T} eps_theta(u, t). Per data dimension:
+
+* **HSM** (hybrid score matching, CLD): the auxiliary initial variables are integrated out through
+  Sigma_0, so u_t | x_0 ~ N(m_t x_0, Sigma_t) and with u_t = m_t x_0 + K_t z the regression target is
+  eps* = z. The minimiser is eps_theta(u) = E[z | u_t = u] = -K_t^T grad log p_t(u).
+* **DSM** (denoising score matching on the full state): a_0 ~ N(0, Sigma_0^aux) is sampled, u_0 = (x_0,
+  a_0), and u_t = Phi(t,0) u_0 + K'_t z' where K'_t K'_t^T = Sigma'_t is the covariance of u_t | u_0
+  (Sigma_t without the Phi Sigma_0 Phi^T term). The conditional score is -K'^{-T}_t z', so in eps units
+  the target is eps* = K_t^T K'^{-T}_t z'. It has the same minimiser as HSM but a larger variance (the
+  K'^{-1} of a nearly singular Sigma'_t at small t), which is why CLD introduced HSM.
+
+Weightings of the per-example squared error, averaged over data dimensions:
+
+* ``"eps"``: |eps_theta - eps*|^2 (uniform in eps; DDPM's "simple" loss);
+* ``"likelihood"``: beta(t) |G^T (s_theta - s*)|^2 = |W_t (eps_theta - eps*)|^2 with W_t = sqrt(beta)
+  G_0^T K_t^{-T} (G_0 G_0^T = Q), the weighting under which the loss integrated over t bounds the
+  negative log-likelihood (Song et al. 2021, "Maximum likelihood training of score-based models").
+
+Times are drawn stratified (one uniform offset, then t_i = t_eps + (T - t_eps) frac(offset + i / n)),
+which keeps each batch's times spread over [t_eps, T] and lowers the variance of the loss estimate.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+from diffusion_jax.param import SquareRoot
+from diffusion_jax.sdes.linear import LinearSDE, apply_matrix
+
+Array = Any
+OBJECTIVES = ("hsm", "dsm")
+WEIGHTINGS = ("eps", "likelihood")
+
+
+@functools.lru_cache(maxsize=32)
+def conditional_sde(sde: LinearSDE) -> LinearSDE:
+    """The same process started from a known full state (Sigma_0 = 0): its covariance is Sigma'_t."""
+    return LinearSDE(sde.name + "|u0", sde.A, sde.Q, sde.schedule, (0.0,) * (sde.order - 1), sde.T,
+                     sde.t_min, sde.params)
+
+
+def check_loss_options(sde: LinearSDE, objective: str, weighting: str, t_eps: float) -> None:
+    """Raise a ``ValueError`` naming the fix for a bad objective / weighting / t_eps."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown training objective {objective!r}; choose one of {OBJECTIVES}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {WEIGHTINGS}")
+    if not (0.0 < t_eps < sde.T):
+        raise ValueError(f"t_eps must lie in (0, T={sde.T}), got {t_eps}")
+
+
+def stratified_times(key: Array, n: int, t_eps: float, T: float) -> Array:
+    """n times in [t_eps, T]: a shared uniform offset plus i/n, wrapped (low-discrepancy sampling)."""
+    offset = jax.random.uniform(key, (), jnp.result_type(float))
+    frac = jnp.mod(offset + jnp.arange(n, dtype=offset.dtype) / n, 1.0)
+    return t_eps + (T - t_eps) * frac
+
+
+def perturb(sde: LinearSDE, sqrt: SquareRoot, key: Array, x0: Array, t: Array,
+            objective: str = "hsm") -> tuple[Array, Array]:
+    """Draw u_t given data x0 (shape (batch, *data)) at times t (batch,); returns (u_t, eps target)."""
+    k_t = sqrt(t)
+    if objective == "hsm":
+        z = jax.random.normal(key, x0.shape + (sde.order,), x0.dtype)
+        mean = sde.mean_coefficient(t)
+        mean = mean.reshape(mean.shape[:1] + (1,) * (x0.ndim - 1) + mean.shape[1:])
+        return mean * x0[..., None] + apply_matrix(k_t, z), z
+    k_a, k_z = jax.random.split(key)
+    aux_sd = jnp.sqrt(jnp.asarray(sde.sigma0.diagonal(), x0.dtype))
+    u0 = sde.embed(x0) + aux_sd * jax.random.normal(k_a, x0.shape + (sde.order,), x0.dtype)
+    cond = conditional_sde(sde)
+    k_c = cond.cholesky(t)
+    z = jax.random.normal(k_z, u0.shape, u0.dtype)
+    u_t = apply_matrix(sde.transition(0.0, t), u0) + apply_matrix(k_c, z)
+    # eps* = K^T K'^{-T} z, per example: a triangular solve with K'^T (upper), then K^T.
+    flat = z.reshape(z.shape[0], -1, sde.order)
+    w = jax.vmap(lambda kc, zz: solve_triangular(kc.T, zz.T, lower=False).T)(k_c, flat)
+    target = jnp.einsum("bji,bpj->bpi", k_t, w).reshape(z.shape)
+    return u_t, target
+
+
+def loss_weight_matrix(sde: LinearSDE, sqrt: SquareRoot, t: Array, weighting: str) -> Array | None:
+    """W_t applied to the eps error (None for the ``"eps"`` weighting): sqrt(beta) G_0^T K_t^{-T}."""
+    if weighting == "eps":
+        return None
+    k_t = sqrt(t)
+    g0 = jnp.asarray(sde.noise_factor, k_t.dtype)                     # (k, r), G_0 G_0^T = Q
+    k_inv_t = jnp.swapaxes(jnp.linalg.inv(k_t), -1, -2)               # K^{-T}
+    return jnp.sqrt(sde.beta(t))[:, None, None] * jnp.einsum("ir,bij->brj", g0, k_inv_t)
+
+
+def score_matching_loss(eps_fn: Callable[[Array, Array], Array], sde: LinearSDE, sqrt: SquareRoot,
+                        key: Array, x0: Array, *, objective: str = "hsm", weighting: str = "eps",
+                        t_eps: float = 1e-5, t: Array | None = None) -> tuple[Array, dict]:
+    """Mean over the batch of the weighted eps regression error, averaged over data dimensions.
+
+    ``eps_fn(u, t)`` maps states (batch, *data, k) and times (batch,) to eps predictions of the same
+    shape as u. Returns (loss, aux) with aux = dict(per_example=..., t=...).
+    """
+    k_t, k_n = jax.random.split(key)
+    if t is None:
+        t = stratified_times(k_t, x0.shape[0], t_eps, sde.T)
+    u_t, target = perturb(sde, sqrt, k_n, x0, t, objective)
+    err = eps_fn(u_t, t) - target
+    w = loss_weight_matrix(sde, sqrt, t, weighting)
+    if w is not None:
+        err = apply_matrix(w, err)
+    # Sum over the phase-space axis (the squared norm per data dimension), mean over data dimensions.
+    per_example = jnp.mean(jnp.sum(jnp.square(err), axis=-1).reshape(err.shape[0], -1), axis=1)
+    return jnp.mean(per_example), dict(per_example=per_example, t=t)

@@ -1,0 +1,86 @@
+r"""Preconditioning: the layer between a family-agnostic network and the eps of a linear family.
+
+The network sees a state scaled to unit variance and a time feature, and returns a residual; this
+layer turns it into eps w.r.t. K_t (``"R"`` or ``"L"``). For data of variance sigma_data^2 per
+dimension, the state's per-coordinate variance is
+
+    v_i(t) = sigma_data^2 m_{t,i}^2 + (Sigma_t)_{ii},       c_in,i(t) = v_i(t)^{-1/2},
+
+so the input u * c_in has unit scale at every t for every family (as EDM's c_in does for VE/VP).
+The time feature is c_noise(t) = 1000 t / T (the range score_sde's DDPM++ embedding was tuned for).
+
+**Mixed score** (CLD-SGM): eps_theta = eps_ref(u, t) + net, where eps_ref is the exact eps of the
+Gaussian reference model x_0 ~ N(0, sigma_data^2): u_t ~ N(0, C_t), C_t = sigma_data^2 m m^T + Sigma_t, so
+eps_ref = -K_t^T grad log N(u; 0, C_t) = K_t^T C_t^{-1} u. The network then only learns the departure of
+the data from a Gaussian; at t = T (where p_T is close to that Gaussian) an untrained network already
+matches the prior.
+
+State layout: u has shape (batch, *data, k). Image data (batch, H, W, C, k) is fed to the network as
+(batch, H, W, C k); flat data (batch, D, k) as (batch, D k). The output is reshaped back.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+from diffusion_jax.param import SquareRoot, square_root
+from diffusion_jax.sdes.linear import LinearSDE, apply_matrix
+
+Array = Any
+
+
+class Preconditioner:
+    """Maps a network ``net(x, c_noise, train, **kw)`` to eps(u, t) for a linear family."""
+
+    def __init__(self, sde: LinearSDE, K: str | SquareRoot = "R", sigma_data: float = 0.5,
+                 mixed: bool = False):
+        if not (sigma_data > 0):
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        self.sde = sde
+        self.sqrt = K if isinstance(K, SquareRoot) else square_root(sde, K)
+        self.sigma_data = float(sigma_data)
+        self.mixed = bool(mixed)
+
+    def _ref_cov(self, t: Array) -> Array:
+        m = self.sde.mean_coefficient(t)
+        return self.sigma_data ** 2 * m[..., :, None] * m[..., None, :] + self.sde.covariance(t)
+
+    def c_in(self, t: Array) -> Array:
+        """Per-coordinate input scale, shape (*t.shape, k)."""
+        return 1.0 / jnp.sqrt(jnp.diagonal(self._ref_cov(t), axis1=-2, axis2=-1))
+
+    def c_noise(self, t: Array) -> Array:
+        return 1000.0 * t / self.sde.T
+
+    def eps_ref(self, u: Array, t: Array) -> Array:
+        """K_t^T C_t^{-1} u: the eps of the Gaussian reference model (the mixed-score part)."""
+        k_t = self.sqrt(t)
+        return apply_matrix(jnp.swapaxes(k_t, -1, -2) @ jnp.linalg.inv(self._ref_cov(t)), u)
+
+    @staticmethod
+    def to_network(x: Array) -> Array:
+        """(batch, *data, k) -> (batch, H, W, C k) for images or (batch, D k) for flat data."""
+        if x.ndim == 5:
+            return x.reshape(x.shape[:3] + (-1,))
+        return x.reshape(x.shape[0], -1)
+
+    def eps(self, net: Callable[..., Array], u: Array, t: Array, **net_kwargs: Any) -> Array:
+        """eps(u, t) with ``t`` of shape (batch,); ``net_kwargs`` go to ``net`` (train, rngs, ...)."""
+        t = jnp.asarray(t, u.dtype)
+        scale = self.c_in(t)
+        scale = scale.reshape(scale.shape[:1] + (1,) * (u.ndim - 2) + scale.shape[1:])
+        out = net(self.to_network(u * scale), self.c_noise(t), **net_kwargs)
+        out = out.astype(u.dtype).reshape(u.shape)
+        if self.mixed:
+            out = out + self.eps_ref(u, t)
+        return out
+
+
+def network_channels(sde: LinearSDE, data_shape: tuple[int, ...]) -> int:
+    """Width of the network's input and output: C k for images (H, W, C), D k for flat data (D,)."""
+    if len(data_shape) == 3:
+        return data_shape[-1] * sde.order
+    if len(data_shape) == 1:
+        return data_shape[0] * sde.order
+    raise ValueError(f"data must be images (H, W, C) or flat vectors (D,), got data shape {data_shape}")

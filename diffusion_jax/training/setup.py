@@ -1,0 +1,85 @@
+"""From a config to the pieces of a run: the family, the preconditioned network, the optimiser, the mesh."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffusion_jax import configs
+from diffusion_jax.models import get_model
+from diffusion_jax.param import SquareRoot, square_root
+from diffusion_jax.precond import Preconditioner, network_channels
+from diffusion_jax.sdes import families
+from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.training.state import make_optimizer
+
+Array = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    config: Any
+    sde: LinearSDE
+    sqrt: SquareRoot
+    precond: Preconditioner
+    net: Any                       # a flax.linen Module
+    data_shape: tuple[int, ...]
+    tx: optax.GradientTransformation
+
+    def eps_fn(self, params: Any, train: bool = False, dropout_key: Array | None = None
+               ) -> Callable[[Array, Array], Array]:
+        """eps(u, t_batch) of the preconditioned network with ``params``."""
+        rngs = {"dropout": dropout_key} if (train and dropout_key is not None) else None
+
+        def net(x, c_noise, train=train):
+            return self.net.apply({"params": params}, x, c_noise, train=train, rngs=rngs)
+        return lambda u, t: self.precond.eps(net, u, t)
+
+    def init_params(self, seed: int) -> Any:
+        """Network parameters from ``seed`` (shape inference only: no FLOPs are spent)."""
+        shape = (1,) + self.data_shape + (self.sde.order,)
+        x = jnp.zeros(self.precond.to_network(jnp.zeros(shape)).shape)
+        key = jax.random.key(seed, impl="rbg")      # rbg: fast to compile on CPU
+        return jax.jit(lambda k: self.net.init(k, x, jnp.ones((1,)), train=False))(key)["params"]
+
+
+def build_experiment(config, data_shape: tuple[int, ...]) -> Experiment:
+    configs.validate(config)
+    sde = families.make(config.family.name, **dict(config.family.params))
+    sqrt = square_root(sde, config.model.K)
+    precond = Preconditioner(sde, sqrt, sigma_data=config.data.sigma_data, mixed=config.model.mixed_score)
+    width = network_channels(sde, data_shape)
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    kwargs = dict(config.model.kwargs)
+    if config.model.name == "mlp":
+        net = get_model("mlp", out_dim=width, dtype=dtype, **kwargs)
+    else:
+        net = get_model(config.model.name, in_channels=width, out_channels=width, dtype=dtype, **kwargs)
+    tx = make_optimizer(config.optim, config.training.num_steps)
+    return Experiment(config, sde, sqrt, precond, net, tuple(data_shape), tx)
+
+
+def make_mesh(config) -> Mesh:
+    """A 1-D 'data' mesh over ``config.mesh.data`` devices (-1: all), axis type Auto for jit shardings."""
+    n = jax.device_count() if config.mesh.data == -1 else int(config.mesh.data)
+    if n < 1 or n > jax.device_count():
+        raise ValueError(f"config.mesh.data={config.mesh.data} but {jax.device_count()} devices exist")
+    if config.training.batch_size % n:
+        raise ValueError(f"batch size {config.training.batch_size} is not divisible by the {n} devices of "
+                         f"the 'data' mesh axis: set --config.training.batch_size to a multiple of {n}")
+    devices = np.asarray(jax.devices()[:n])
+    try:
+        from jax.sharding import AxisType
+        return Mesh(devices, ("data",), axis_types=(AxisType.Auto,))
+    except (ImportError, TypeError):          # older jax: every axis is Auto
+        return Mesh(devices, ("data",))
+
+
+def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+    """(replicated, batch-sharded along 'data')."""
+    return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
