@@ -19,6 +19,8 @@ def _define_flags() -> None:
 
 def _main(argv) -> None:
     del argv
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)          # orbax logs every checkpoint file at INFO
     from diffusion_jax.training.loop import train
     out = train(FLAGS.config, FLAGS.workdir)
     print(f"trained steps {out['start']}..{out['step']} in {out['seconds']:.1f} s; workdir {FLAGS.workdir}")

@@ -109,6 +109,10 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         gnorm = float(np.mean([m["grad_norm"] for m in got]))
         writer.write_scalars(step, {"loss": loss, "grad_norm": gnorm})
         log.append(dict(step=step, loss=f"{loss:.6g}", grad_norm=f"{gnorm:.6g}", steps_per_s=f"{rate:.4g}"))
+        if jax.process_index() == 0:
+            eta = (tcfg.num_steps - step) / max(rate, 1e-9)
+            print(f"step {step}/{tcfg.num_steps}  loss {loss:.4g}  grad norm {gnorm:.3g}  {rate:.2f} steps/s  "
+                  f"ETA {eta / 60:.1f} min", flush=True)
 
     step = start
     end = tcfg.num_steps if stop_after is None else min(tcfg.num_steps, start + stop_after)
