@@ -73,6 +73,7 @@ def digits(family: str, **family_params) -> ml_collections.ConfigDict:
     c.training.num_steps = 3000
     c.training.log_every = 50
     c.training.ckpt_every = 500
+    c.training.sample_every = 1000
     c.optim.lr = 2e-3
     c.optim.warmup = 200
     c.ema_rates = (0.99, 0.999)

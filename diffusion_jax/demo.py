@@ -60,7 +60,7 @@ def _loss_curve(workdir: str, path: str) -> str:
 
 
 def _train(config, workdir: str) -> tuple[object, object, float]:
-    from diffusion_jax.training import load_run, train
+    from diffusion_jax.training import train
     t0 = time.perf_counter()
     out = train(config, workdir)
     return out["experiment"], out["state"], time.perf_counter() - t0
