@@ -163,8 +163,8 @@ def test_digits_builder_prepares_offline(tmp_path):
 @pytest.mark.parametrize("config", ["toy2d_vp.py", "toy2d_cld.py"])
 def test_toy_training_learns_the_ring(tmp_path, config):
     """Trained on 8 Gaussians, samples are far closer to the data than a Gaussian fit of the data is."""
-    c = _toy(config, data__toy_name="ring8", training__num_steps=600, training__ckpt_every=600,
-             training__batch_size=256)
+    c = _toy(config, data__toy_name="ring8", training__num_steps=1000, training__ckpt_every=1000,
+             training__batch_size=256, model__kwargs__hidden=128)
     out = train(c, str(tmp_path))
     data = load_split(c, "test", limit=1000)
     key = jax.random.PRNGKey(3)
