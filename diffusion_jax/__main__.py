@@ -11,8 +11,12 @@ def main(argv: list[str] | None = None) -> int:
         from diffusion_jax.training.cli import main as train_main
         train_main(argv[1:])
         return 0
+    if argv and argv[0] == "analyze":         # learned-vs-optimal trajectory report of a run
+        from diffusion_jax.analysis.report import main as analyze_main
+        return analyze_main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="python -m diffusion_jax")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("analyze", help="learned vs optimal trajectories of a run: --workdir DIR [--out ...]")
     sub.add_parser("train", help="train: --config configs/<name>.py --workdir DIR [--config.key=value ...]")
     tour = sub.add_parser("tour", help="print the families and plot their marginals")
     tour.add_argument("--out", default="demo_out", help="output folder for the PNG")
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     nfe.add_argument("--seed", type=int, default=0, help="seed of the initial noise (shared by every cell)")
     nfe.add_argument("--ema", default=None, help="EMA rate to use (default: the largest in the run)")
     nfe.add_argument("--out", default=None, help="output folder (default RUN/bench_nfe)")
-    nfe.add_argument("--batch", type=int, default=None, help="sampling batch (default: all samples at once)")
+    nfe.add_argument("--batch", type=int, default=None,
+                     help="sampling batch (default: all samples at once; each batch recompiles the solver)")
     nfe.add_argument("--ref", default=None, help="reference statistics .npz (default: cached under --out)")
     nfe.add_argument("--fid-weights", default=None,
                      help="pt_inception-2015-12-05-6726825d.pth (or $DIFFUSION_JAX_FID_WEIGHTS) for --metric fid")

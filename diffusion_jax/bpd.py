@@ -167,7 +167,9 @@ def run(workdir: str, n: int | None = 200, split: str | None = None, trace: str 
         t_eps=t_used, aux=aux if exp.sde.order > 1 else None, levels=lev, dequantization="uniform, grid convention"
         if lev else None, rtol=rtol, atol=atol, seed=seed, bound=kind, bpd_mean=mean, bpd_sem=sem,
         nll_nats_mean=float(-np.mean(res["logp"])), num_dims=res["num_dims"], nfe_mean=float(np.mean(res["nfe"])),
-        seconds=seconds, bpd=[float(v) for v in res["bpd"]], nfe=[int(v) for v in res["nfe"]])
+        seconds=seconds, bpd=[float(v) for v in res["bpd"]], nfe=[int(v) for v in res["nfe"]],
+        logp=[float(v) for v in res["logp"]], logp_state=[float(v) for v in res["logp_state"]],
+        log_q_aux=[float(v) for v in res["log_q_aux"]])
     if out is None:
         out = os.path.join(workdir, f"bpd_{split}_n{len(data)}_{trace}_seed{seed}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

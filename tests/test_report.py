@@ -57,7 +57,7 @@ def test_report_on_trained_toy_run(trained, tmp_path):
     s = report.run(workdir, out, n=N, nfe=NFE, method="gddim", data_limit=DATA_LIMIT, heldout_limit=HELDOUT)
 
     for name in ("summary.json", "summary.md", "trajectories.npz", "score_deviation.png", "chord_deviation.png",
-                 "memorisation.png", "trajectories_learned.png", "trajectories_optimal.png",
+                 "memorisation.png", "trajectories.png",
                  "projection_learned.png", "projection_optimal.png"):
         path = os.path.join(out, name)
         assert os.path.getsize(path) > 100, name

@@ -151,6 +151,9 @@ def load_run(workdir: str, config=None, step: int | None = None) -> tuple[Experi
     """(experiment, train state) of a finished or running workdir (config read from its checkpoint)."""
     import json
     import ml_collections
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"no checkpoints in {workdir}: train first with "
+                                f"`python -m diffusion_jax train --config ... --workdir {workdir}`")
     ckpt = Checkpointer(workdir, async_save=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first with "
