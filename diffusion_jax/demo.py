@@ -6,8 +6,8 @@
    loss curve, sample grids, and a table of sample quality versus NFE for gDDIM, SSCS, Euler and Heun.
 
 Quality on digits is the Frechet distance between Gaussian fits in raw pixel space ("fd-pixels",
-64-d), against the 1,500 training images; the held-out 297 test images give its floor. It is not FID
-(no Inception network is involved). Runs live in ``<out>/runs/<config>``; rerunning resumes or skips
+64-d, pixels in [0, 1]), against the 1,500 training images; the held-out 297 test images give its
+floor. It is not FID (no Inception network is involved). Runs live in ``<out>/runs/<config>``; rerunning resumes or skips
 training that is already complete.
 
     python -m diffusion_jax.demo --out demo_out [--digits-steps N] [--toy-steps N]
@@ -21,7 +21,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 
 def _config(name: str, steps: int):
@@ -69,7 +68,7 @@ def _train(config, workdir: str) -> tuple[object, object, float]:
 def run(out: str = "demo_out", digits_steps: int = 1500, toy_steps: int = 1500, n_samples: int = 500,
         nfes: tuple[int, ...] = (10, 20, 50), methods: tuple[str, ...] = ("gddim", "sscs", "euler", "heun")) -> dict:
     from diffusion_jax.bench_solvers import sliced_wasserstein
-    from diffusion_jax.data import load_split
+    from diffusion_jax.data import load_split, to_image_space
     from diffusion_jax.metrics.features import PIXELS, frechet_distance_in
     from diffusion_jax.tour import run_tour
     from diffusion_jax.training import sample_data, save_samples
@@ -99,14 +98,15 @@ def run(out: str = "demo_out", digits_steps: int = 1500, toy_steps: int = 1500, 
     written["loss_curve"] = _loss_curve(workdir, os.path.join(out, "digits_loss.png"))
     ema_key = max(state.ema, key=float)
     ema = state.ema[ema_key]
-    train_x, test_x = load_split(c, "train"), load_split(c, "test")
+    # fd-pixels is measured on images in [0, 1] (as bench-nfe does).
+    train_x, test_x = to_image_space(load_split(c, "train")), to_image_space(load_split(c, "test"))
     floor = frechet_distance_in(PIXELS, test_x, train_x)["fd-pixels"]
     rows = []
     for method in methods:
         for nfe in nfes:
             t0 = time.perf_counter()
             x = sample_data(exp, ema, jax.random.PRNGKey(7), n_samples, method, nfe)
-            fd = frechet_distance_in(PIXELS, np.clip(x, -1, 1), train_x)["fd-pixels"]
+            fd = frechet_distance_in(PIXELS, to_image_space(x), train_x)["fd-pixels"]
             rows.append(dict(sampler=method, nfe_budget=nfe, fd_pixels=fd, seconds=time.perf_counter() - t0))
             print(f"   {method:6s} NFE {nfe:3d} (+1 final denoising): fd-pixels {fd:8.3f}", flush=True)
             if method == "gddim":
@@ -115,7 +115,8 @@ def run(out: str = "demo_out", digits_steps: int = 1500, toy_steps: int = 1500, 
     table = os.path.join(out, "digits_quality.md")
     with open(table, "w") as f:
         f.write(f"# digits, CLD, {digits_steps} steps, EMA {ema_key}: sample quality versus NFE\n\n")
-        f.write(f"Frechet distance between Gaussian fits in raw pixel space (fd-pixels, 64-d; not FID), "
+        f.write(f"Frechet distance between Gaussian fits in raw pixel space, pixels in [0, 1] (fd-pixels, "
+                f"64-d; not FID), "
                 f"{n_samples} samples against the 1500 training images. Floor (297 held-out test images "
                 f"against the training images): {floor:.3f}.\n\n")
         f.write("Euler and Heun in t integrate the probability-flow ODE directly; with HSM the velocity starts "
