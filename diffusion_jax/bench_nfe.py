@@ -49,6 +49,7 @@ import jax
 import numpy as np
 
 from diffusion_jax.param import Model
+from diffusion_jax.training.state import pick_ema
 from diffusion_jax.samplers import DIFFRAX_ADAPTIVE, METHODS, STOCHASTIC, prior_init, sample
 
 Array = Any
@@ -145,22 +146,6 @@ def parse_nfes(items: str | Iterable[int] | None) -> list[int]:
 
 
 # ------------------------------------------------------------------ sampling
-def pick_ema(state: Any, rate: str | float | None = None) -> tuple[str, Any]:
-    """(rate key, EMA params): the given rate, else the slowest average (largest rate)."""
-    rates = dict(state.ema)
-    if not rates:
-        raise ValueError("the run's state has no EMA parameters (config.ema_rates is empty)")
-    if rate is None:
-        key = max(rates, key=float)
-    else:
-        matches = [k for k in rates if math.isclose(float(k), float(rate), rel_tol=0, abs_tol=1e-12)]
-        if not matches:
-            raise ValueError(f"EMA rate {rate} is not in the run; it has {sorted(rates, key=float)} "
-                             f"(pass one of them with --ema)")
-        key = matches[0]
-    return key, rates[key]
-
-
 def initial_noise(exp: Any, seed: int, n: int, batch: int | None = None) -> list[Array]:
     """The prior draws every cell starts from: batch i is ``prior_init(sde, fold_in(PRNGKey(seed), i), m)``,
     the same draws as :func:`diffusion_jax.training.sample_data` with ``PRNGKey(seed)``."""
@@ -497,6 +482,6 @@ def run(workdir: str, samplers: str | Iterable[str] | None = None, nfes: str | I
                 metric=met.name, floor=floor_row, ema=ema_key, step=step, noise_sha=sha, out=out)
 
 
-__all__ = ["run", "SamplerSpec", "parse_sampler", "parse_samplers", "parse_nfes", "pick_ema", "initial_noise",
+__all__ = ["run", "SamplerSpec", "parse_sampler", "parse_samplers", "parse_nfes", "initial_noise",
            "noise_fingerprint", "make_denoiser", "sample_cell", "feature_space", "build_metric", "read_results",
            "write_markdown", "plot_results", "METRICS", "CSV_FIELDS"]

@@ -39,6 +39,7 @@ def run(out: str = "bench_out/toy", steps: int = 2000, toy: str = "checkerboard"
     from diffusion_jax.bench_solvers import sliced_wasserstein
     from diffusion_jax.data import load_split
     from diffusion_jax.training import sample_data, train
+    from diffusion_jax.training.state import pick_ema
 
     os.makedirs(out, exist_ok=True)
     rows, samples = [], {}
@@ -51,7 +52,7 @@ def run(out: str = "bench_out/toy", steps: int = 2000, toy: str = "checkerboard"
         secs = time.perf_counter() - t0
         exp, state = res["experiment"], res["state"]
         data = load_split(c, "test", limit=4000)
-        ema = state.ema[max(state.ema, key=float)]
+        _, ema = pick_ema(state)
         x = sample_data(exp, ema, jax.random.PRNGKey(1), 2000, "gddim", 50)
         x0 = gaussian_fit_samples(data[2000:], 2000)
         row = dict(family=fam, steps=steps, sw=sliced_wasserstein(x, data[:2000]),

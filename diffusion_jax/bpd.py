@@ -132,7 +132,7 @@ def run(workdir: str, n: int | None = 200, split: str | None = None, trace: str 
 
     ``loaded``: the run's ``(experiment, train state)`` if the caller holds it already (else ``load_run``).
     """
-    from diffusion_jax.bench_nfe import pick_ema
+    from diffusion_jax.training.state import pick_ema
     from diffusion_jax.data import levels as levels_of, load_split
     from diffusion_jax.training import load_run
     say = print if verbose else (lambda *a, **k: None)

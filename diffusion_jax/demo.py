@@ -72,6 +72,7 @@ def run(out: str = "demo_out", digits_steps: int = 1500, toy_steps: int = 1500, 
     from diffusion_jax.metrics.features import PIXELS, frechet_distance_in
     from diffusion_jax.tour import run_tour
     from diffusion_jax.training import sample_data, save_samples
+    from diffusion_jax.training.state import pick_ema
 
     os.makedirs(out, exist_ok=True)
     written = {}
@@ -82,7 +83,7 @@ def run(out: str = "demo_out", digits_steps: int = 1500, toy_steps: int = 1500, 
     print(f"== 2. toy 2-D: CLD on the checkerboard, {toy_steps} steps", flush=True)
     c = _config("toy", toy_steps)
     exp, state, secs = _train(c, os.path.join(out, "runs", "toy2d_cld"))
-    ema = state.ema[next(iter(state.ema))]
+    _, ema = pick_ema(state)
     data = load_split(c, "test", limit=4000)
     x = sample_data(exp, ema, jax.random.PRNGKey(1), 2000, "gddim", 50)
     sw = sliced_wasserstein(x, data[:2000])
@@ -96,8 +97,7 @@ def run(out: str = "demo_out", digits_steps: int = 1500, toy_steps: int = 1500, 
     workdir = os.path.join(out, "runs", "digits_cld")
     exp, state, secs = _train(c, workdir)
     written["loss_curve"] = _loss_curve(workdir, os.path.join(out, "digits_loss.png"))
-    ema_key = max(state.ema, key=float)
-    ema = state.ema[ema_key]
+    ema_key, ema = pick_ema(state)
     # fd-pixels is measured on images in [0, 1] (as bench-nfe does).
     train_x, test_x = to_image_space(load_split(c, "train")), to_image_space(load_split(c, "test"))
     floor = frechet_distance_in(PIXELS, test_x, train_x)["fd-pixels"]

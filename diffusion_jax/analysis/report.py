@@ -46,6 +46,7 @@ import numpy as np
 from diffusion_jax.analysis.deviation import nearest_neighbors, score_deviation
 from diffusion_jax.analysis.geometry import chord_deviation, flatten_trajectory
 from diffusion_jax.analysis.plots import plot_curves, plot_trajectories_1d
+from diffusion_jax.data import to_image_space
 from diffusion_jax.param import SquareRoot
 from diffusion_jax.samplers import METHODS, STOCHASTIC, prior_init
 from diffusion_jax.sdes.linear import LinearSDE
@@ -216,7 +217,7 @@ def _plot_image_samples(path: str, rows: dict[str, np.ndarray], n_cols: int = 16
     for r, (name, imgs) in enumerate(rows.items()):
         for c in range(min(n_cols, len(imgs))):
             ax = fig.add_subplot(len(rows), n_cols, r * n_cols + c + 1)
-            img = np.clip((np.asarray(imgs[c]) + 1.0) / 2.0, 0.0, 1.0)
+            img = to_image_space(imgs[c])
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
                       interpolation="nearest")
             ax.set_xticks([])
@@ -435,13 +436,9 @@ def _select_params(state: Any, ema: str | float | None) -> tuple[Any, str]:
         return state.params, "raw"
     if not state.ema:
         return state.params, "raw"
-    if ema is None:
-        key = max(state.ema, key=float)
-    else:
-        key = f"{float(ema):g}"
-        if key not in state.ema:
-            raise ValueError(f"no EMA with rate {ema!r} in this run; it has {sorted(state.ema)} (or use 'raw')")
-    return state.ema[key], f"ema {key}"
+    from diffusion_jax.training.state import pick_ema
+    key, params = pick_ema(state, ema)
+    return params, f"ema {key}"
 
 
 def _toy_training_points(config: Any, limit: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import configs
-from diffusion_jax.data import data_shape as data_shape_of, make_iterator
+from diffusion_jax.data import data_shape as data_shape_of, make_iterator, to_image_space
 from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
 from diffusion_jax.training.sampling import sample_data, save_samples
 from diffusion_jax.training.setup import Experiment, build_experiment, make_mesh, shardings
@@ -136,7 +136,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                                 config.sampling.method, config.sampling.nfe)
                 path = save_samples(x, config, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
                 if x.ndim == 4:
-                    writer.write_images(step, {"samples": ((x[:16] + 1) / 2).clip(0, 1)})
+                    writer.write_images(step, {"samples": to_image_space(x[:16])})
                 print(f"samples at step {step}: {path}", flush=True)
         flush(step)
     finally:

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from diffusion_jax.data import to_image_space
 from diffusion_jax.samplers import prior_init, sample
 from diffusion_jax.training.setup import Experiment
 
@@ -63,7 +64,7 @@ def save_samples(x: np.ndarray, config, path: str, reference: np.ndarray | None 
 
 def image_grid(x: np.ndarray, cols: int | None = None, pad: int = 1) -> np.ndarray:
     """Images (n, H, W, C) in [-1, 1] -> one (rows (H+pad), cols (W+pad), C) array in [0, 1]."""
-    x = np.clip((np.asarray(x) + 1.0) / 2.0, 0.0, 1.0)
+    x = to_image_space(x)
     n, h, w, c = x.shape
     cols = cols or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))

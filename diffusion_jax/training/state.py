@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,22 @@ class TrainState:
 
 def ema_key(rate: float) -> str:
     return f"{float(rate):g}"
+
+
+def pick_ema(state: Any, rate: str | float | None = None) -> tuple[str, Any]:
+    """(rate key, EMA params): the given rate, else the slowest average (largest rate)."""
+    rates = dict(state.ema)
+    if not rates:
+        raise ValueError("the run's state has no EMA parameters (config.ema_rates is empty)")
+    if rate is None:
+        key = max(rates, key=float)
+    else:
+        matches = [k for k in rates if math.isclose(float(k), float(rate), rel_tol=0, abs_tol=1e-12)]
+        if not matches:
+            raise ValueError(f"EMA rate {rate} is not in the run; it has {sorted(rates, key=float)} "
+                             f"(pass one of them with --ema)")
+        key = matches[0]
+    return key, rates[key]
 
 
 def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
