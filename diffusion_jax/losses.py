@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from diffusion_jax.param import SquareRoot
-from diffusion_jax.sdes.linear import LinearSDE, apply_matrix
+from diffusion_jax.sdes.linear import LinearSDE
 
 Array = Any
 OBJECTIVES = ("hsm", "dsm")
@@ -67,18 +67,17 @@ def perturb(sde: LinearSDE, sqrt: SquareRoot, key: Array, x0: Array, t: Array,
             objective: str = "hsm") -> tuple[Array, Array]:
     """Draw u_t given data x0 (shape (batch, *data)) at times t (batch,); returns (u_t, eps target)."""
     k_t = sqrt(t)
-    if objective == "hsm":
+    # k = 1: Sigma_0 = 0, so the state at 0 is known and DSM is HSM exactly.
+    if objective == "hsm" or sde.order == 1:
         z = jax.random.normal(key, x0.shape + (sde.order,), x0.dtype)
-        mean = sde.mean_coefficient(t)
-        mean = mean.reshape(mean.shape[:1] + (1,) * (x0.ndim - 1) + mean.shape[1:])
-        return mean * x0[..., None] + apply_matrix(k_t, z), z
+        return sde.lift(sde.mean_coefficient(t), x0) + sde.apply(k_t, z), z
     k_a, k_z = jax.random.split(key)
     aux_sd = jnp.sqrt(jnp.asarray(sde.sigma0.diagonal(), x0.dtype))
     u0 = sde.embed(x0) + aux_sd * jax.random.normal(k_a, x0.shape + (sde.order,), x0.dtype)
     cond = conditional_sde(sde)
     k_c = cond.cholesky(t)
     z = jax.random.normal(k_z, u0.shape, u0.dtype)
-    u_t = apply_matrix(sde.transition(0.0, t), u0) + apply_matrix(k_c, z)
+    u_t = sde.apply(sde.transition(0.0, t), u0) + sde.apply(k_c, z)
     # eps* = K^T K'^{-T} z, per example: a triangular solve with K'^T (upper), then K^T.
     flat = z.reshape(z.shape[0], -1, sde.order)
     w = jax.vmap(lambda kc, zz: solve_triangular(kc.T, zz.T, lower=False).T)(k_c, flat)
@@ -87,13 +86,12 @@ def perturb(sde: LinearSDE, sqrt: SquareRoot, key: Array, x0: Array, t: Array,
 
 
 def loss_weight_matrix(sde: LinearSDE, sqrt: SquareRoot, t: Array, weighting: str) -> Array | None:
-    """W_t applied to the eps error (None for the ``"eps"`` weighting): sqrt(beta) G_0^T K_t^{-T}."""
+    """W_t applied to the eps error (None for the ``"eps"`` weighting): G_t^T K_t^{-T} (G G^T = beta Q)."""
     if weighting == "eps":
         return None
     k_t = sqrt(t)
-    g0 = jnp.asarray(sde.noise_factor, k_t.dtype)                     # (k, r), G_0 G_0^T = Q
-    k_inv_t = jnp.swapaxes(jnp.linalg.inv(k_t), -1, -2)               # K^{-T}
-    return jnp.sqrt(sde.beta(t))[:, None, None] * jnp.einsum("ir,bij->brj", g0, k_inv_t)
+    g_t = sde.diffusion_matrix(t).astype(k_t.dtype)
+    return jnp.swapaxes(g_t, -1, -2) @ jnp.swapaxes(jnp.linalg.inv(k_t), -1, -2)
 
 
 def score_matching_loss(eps_fn: Callable[[Array, Array], Array], sde: LinearSDE, sqrt: SquareRoot,
@@ -111,7 +109,7 @@ def score_matching_loss(eps_fn: Callable[[Array, Array], Array], sde: LinearSDE,
     err = eps_fn(u_t, t) - target
     w = loss_weight_matrix(sde, sqrt, t, weighting)
     if w is not None:
-        err = apply_matrix(w, err)
+        err = sde.apply(w, err)
     # Sum over the phase-space axis (the squared norm per data dimension), mean over data dimensions.
     per_example = jnp.mean(jnp.sum(jnp.square(err), axis=-1).reshape(err.shape[0], -1), axis=1)
     return jnp.mean(per_example), dict(per_example=per_example, t=t)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.integrate import solve_ivp
 
-from diffusion_jax.sdes.linear import LinearSDE, apply_matrix
+from diffusion_jax.sdes.linear import LinearSDE
 
 Array = Any
 SQUARE_ROOTS = ("R", "L")
@@ -94,7 +94,10 @@ class SquareRoot:
                     raise RuntimeError(f"{sde.name}: solving for R_t failed: {sol.message}")
                 vals = sol.y.T.reshape(-1, k, k)
                 u[mask] = vals if end > log_t_hi else vals[::-1]
-        du = np.stack([rhs(tau, u_j.ravel()).reshape(k, k) for tau, u_j in zip(grid, u)])
+        if k == 1:
+            du = np.zeros_like(u)                                   # R = L for scalar states
+        else:
+            du = np.stack([rhs(tau, u_j.ravel()).reshape(k, k) for tau, u_j in zip(grid, u)])
         self._e_lo = e_lo
         self._per_octave = per_octave
         self._dlog = math.log(2.0) / per_octave
@@ -128,7 +131,8 @@ class SquareRoot:
         chol = self.sde.cholesky(t)
         t = jnp.asarray(t, dtype=chol.dtype)
         rot = jnp.vectorize(lambda tt: self._rotation(tt, jnp, tt.dtype), signature="()->(i,j)")(t)
-        return chol @ rot
+        # U_t is shared by every mode: align it with the (*t, *modes, k, k) factor of a modal family
+        return chol @ rot.reshape(t.shape + (1,) * self.sde.mode_ndim + rot.shape[-2:])
 
     def np(self, t: float) -> np.ndarray:
         """K_t in float64 on the host."""
@@ -143,37 +147,33 @@ def square_root(sde: LinearSDE, kind: str = "R") -> SquareRoot:
     return SquareRoot(sde, kind)
 
 
-# ------------------------------------------------------------------ conversions (per pixel)
+# ------------------------------------------------------------------ conversions (per pixel, or per mode)
+# Per-mode algebra goes through the family's ``apply`` / ``lift`` / ``project``, which hold the basis change
+# of a modal family (the identity for the pixel-shared ones).
 def _inv(k: Array) -> Array:
     return jnp.linalg.inv(k)
 
 
-def score_from_eps(eps: Array, k_t: Array) -> Array:
+def score_from_eps(sde: Any, eps: Array, k_t: Array) -> Array:
     """s = -K^{-T} eps."""
-    return -apply_matrix(jnp.swapaxes(_inv(k_t), -1, -2), eps)
+    return -sde.apply(jnp.swapaxes(_inv(k_t), -1, -2), eps)
 
 
-def eps_from_score(score: Array, k_t: Array) -> Array:
+def eps_from_score(sde: Any, score: Array, k_t: Array) -> Array:
     """eps = -K^T s."""
-    return -apply_matrix(jnp.swapaxes(k_t, -1, -2), score)
+    return -sde.apply(jnp.swapaxes(k_t, -1, -2), score)
 
 
-def eps_from_denoiser(u: Array, d: Array, m_t: Array, k_t: Array) -> Array:
+def eps_from_denoiser(sde: Any, u: Array, d: Array, m_t: Array, k_t: Array) -> Array:
     """eps = K^{-1} (u - m_t D)."""
-    return apply_matrix(_inv(k_t), u - d[..., None] * _bcast_vec(m_t, u))
+    return sde.apply(_inv(k_t), u - sde.lift(m_t, d))
 
 
-def denoiser_from_eps(u: Array, eps: Array, m_t: Array, k_t: Array) -> Array:
+def denoiser_from_eps(sde: Any, u: Array, eps: Array, m_t: Array, k_t: Array) -> Array:
     """D = w^T (K^{-1} u - eps) / |w|^2 with w = K^{-1} m_t."""
     k_inv = _inv(k_t)
     w = jnp.einsum("...ij,...j->...i", k_inv, m_t)
-    w = _bcast_vec(w, u)
-    return jnp.sum(w * (apply_matrix(k_inv, u) - eps), axis=-1) / jnp.sum(w * w, axis=-1)
-
-
-def _bcast_vec(v: Array, u: Array) -> Array:
-    v = jnp.asarray(v)
-    return v.reshape(v.shape[:-1] + (1,) * (u.ndim - v.ndim) + v.shape[-1:])
+    return sde.project(w / jnp.sum(w * w, axis=-1, keepdims=True), sde.apply(k_inv, u) - eps)
 
 
 class Model:
@@ -206,8 +206,8 @@ class Model:
         if self.output == "eps":
             return out
         if self.output == "score":
-            return eps_from_score(out, k_t)
-        return eps_from_denoiser(u, out, self.sde.mean_coefficient(t), k_t)
+            return eps_from_score(self.sde, out, k_t)
+        return eps_from_denoiser(self.sde, u, out, self.sde.mean_coefficient(t), k_t)
 
     def score(self, u: Array, t: Array) -> Array:
         out = self._call(u, t)
@@ -215,8 +215,8 @@ class Model:
             return out
         k_t = self.sqrt(t)
         if self.output == "eps":
-            return score_from_eps(out, k_t)
-        return score_from_eps(eps_from_denoiser(u, out, self.sde.mean_coefficient(t), k_t), k_t)
+            return score_from_eps(self.sde, out, k_t)
+        return score_from_eps(self.sde, eps_from_denoiser(self.sde, u, out, self.sde.mean_coefficient(t), k_t), k_t)
 
     def all(self, u: Array, t: Array) -> tuple[Array, Array, Array]:
         """(eps, score, denoiser) from one evaluation."""
@@ -226,8 +226,8 @@ class Model:
         if self.output == "eps":
             eps = out
         elif self.output == "score":
-            eps = eps_from_score(out, k_t)
+            eps = eps_from_score(self.sde, out, k_t)
         else:
-            eps = eps_from_denoiser(u, out, m_t, k_t)
-        d = out if self.output == "denoiser" else denoiser_from_eps(u, eps, m_t, k_t)
-        return eps, score_from_eps(eps, k_t), d
+            eps = eps_from_denoiser(self.sde, u, out, m_t, k_t)
+        d = out if self.output == "denoiser" else denoiser_from_eps(self.sde, u, eps, m_t, k_t)
+        return eps, score_from_eps(self.sde, eps, k_t), d

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from diffusion_jax.param import SquareRoot, square_root
-from diffusion_jax.sdes.linear import LinearSDE, apply_matrix
+from diffusion_jax.sdes.linear import LinearSDE
 
 Array = Any
 
@@ -47,8 +47,11 @@ class Preconditioner:
         return self.sigma_data ** 2 * m[..., :, None] * m[..., None, :] + self.sde.covariance(t)
 
     def c_in(self, t: Array) -> Array:
-        """Per-coordinate input scale, shape (*t.shape, k)."""
-        return 1.0 / jnp.sqrt(jnp.diagonal(self._ref_cov(t), axis1=-2, axis2=-1))
+        """Per-coordinate input scale, shape (*t.shape, k).
+
+        For a modal family the pixel variance is the mean of the per-mode ones (V orthogonal, isotropic data).
+        """
+        return 1.0 / jnp.sqrt(self.sde.mode_mean(jnp.diagonal(self._ref_cov(t), axis1=-2, axis2=-1)))
 
     def c_noise(self, t: Array) -> Array:
         return 1000.0 * t / self.sde.T
@@ -56,7 +59,7 @@ class Preconditioner:
     def eps_ref(self, u: Array, t: Array) -> Array:
         """K_t^T C_t^{-1} u: the eps of the Gaussian reference model (the mixed-score part)."""
         k_t = self.sqrt(t)
-        return apply_matrix(jnp.swapaxes(k_t, -1, -2) @ jnp.linalg.inv(self._ref_cov(t)), u)
+        return self.sde.apply(jnp.swapaxes(k_t, -1, -2) @ jnp.linalg.inv(self._ref_cov(t)), u)
 
     @staticmethod
     def to_network(x: Array) -> Array:

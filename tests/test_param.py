@@ -49,19 +49,19 @@ def test_conversions_round_trip():
     x0 = jax.random.normal(key1, (4, 5))
     u, z = sde.sample_marginal(key2, x0, t)
     # the true eps of u given x0 is z: the denoiser x0 maps to it and back
-    eps = param.eps_from_denoiser(u, x0, m_t, k_t)
+    eps = param.eps_from_denoiser(sde, u, x0, m_t, k_t)
     assert np.allclose(eps, z, atol=1e-4)
-    assert np.allclose(param.denoiser_from_eps(u, z, m_t, k_t), x0, atol=1e-4)
-    s = param.score_from_eps(z, k_t)
+    assert np.allclose(param.denoiser_from_eps(sde, u, z, m_t, k_t), x0, atol=1e-4)
+    s = param.score_from_eps(sde, z, k_t)
     # score of N(m x0, Sigma) at u: -Sigma^{-1}(u - m x0)
     sig = np.asarray(sde.covariance(t), np.float64)
     res = np.asarray(u, np.float64) - np.asarray(x0, np.float64)[..., None] * np.asarray(m_t, np.float64)
     ref = -np.einsum("ij,...j->...i", np.linalg.inv(sig), res)
     assert np.allclose(s, ref, rtol=1e-4, atol=1e-4)
-    assert np.allclose(param.eps_from_score(s, k_t), z, atol=1e-4)
+    assert np.allclose(param.eps_from_score(sde, s, k_t), z, atol=1e-4)
     # with R: R eps_R = L z
     r_t = param.square_root(sde, "R")(t)
-    eps_r = param.eps_from_denoiser(u, x0, m_t, r_t)
+    eps_r = param.eps_from_denoiser(sde, u, x0, m_t, r_t)
     assert np.allclose(np.einsum("ij,...j->...i", r_t, eps_r), np.einsum("ij,...j->...i", k_t, z), atol=1e-4)
 
 

@@ -27,9 +27,9 @@ import lineax
 import numpy as np
 
 from diffusion_jax.param import Model, SquareRoot
-from diffusion_jax.samplers.gddim import _psd_sqrt, gddim_coefficients, reverse_noise_cov
+from diffusion_jax.samplers.gddim import _psd_sqrt, gddim_coefficients
 from diffusion_jax.samplers.grids import GRIDS, noise_level, time_grid
-from diffusion_jax.sdes.linear import LinearSDE, apply_matrix
+from diffusion_jax.sdes.linear import LinearSDE
 
 Array = Any
 
@@ -132,9 +132,7 @@ def sample(sde: LinearSDE, fn: Callable, u_init: Array, *, method: str, nfe: int
 def _pf_drift(sde: LinearSDE, model: Model):
     def f(t, u, args):
         s = model.score(u, t)
-        beta = sde.beta(t)
-        return apply_matrix(beta * jnp.asarray(sde.A, u.dtype), u) - 0.5 * apply_matrix(
-            beta * jnp.asarray(sde.Q, u.dtype), s)
+        return sde.apply(sde.drift_matrix(t), u) - 0.5 * sde.apply(sde.noise_matrix(t), s)
     return f
 
 
@@ -190,17 +188,18 @@ def _diffrax_adaptive(sde, model, u_init, method, t_start, t_end, rtol, atol, ma
 def _euler_maruyama(sde, model, u_init, ts, key, return_trajectory):
     shape = u_init.shape
     ts_j = jnp.asarray(ts, u_init.dtype)
-    diag_q = jnp.broadcast_to(jnp.sqrt(jnp.asarray(np.diag(sde.Q), u_init.dtype)), shape).reshape(-1)
 
     def drift(t, y, args):
         u = y.reshape(shape)
         s = model.score(u, t)
-        beta = sde.beta(t)
-        out = apply_matrix(beta * jnp.asarray(sde.A, u.dtype), u) - apply_matrix(beta * jnp.asarray(sde.Q, u.dtype), s)
+        out = sde.apply(sde.drift_matrix(t), u) - sde.apply(sde.noise_matrix(t), s)
         return out.reshape(-1)
 
     def diffusion(t, y, args):
-        return lineax.DiagonalLinearOperator(jnp.sqrt(sde.beta(t)) * diag_q)
+        # G(t) dW as an operator on the flat Brownian increment (per pixel, or per mode through the basis)
+        g = sde.diffusion_matrix(t)
+        return lineax.FunctionLinearOperator(lambda w: sde.apply(g, w.reshape(shape)).reshape(-1),
+                                             jax.ShapeDtypeStruct((int(np.prod(shape)),), u_init.dtype))
 
     saveat = diffrax.SaveAt(ts=ts_j) if return_trajectory else diffrax.SaveAt(t1=True)
 
@@ -241,11 +240,11 @@ def _gddim(sde, model, u_init, ts, order, lam, key, return_trajectory, keep_resi
             if stable:
                 # m_{t'} D + R_{t'} eps_0 + sum_{j>=1} C_j (eps_j - eps_0); history slots not yet filled
                 # have C_j = 0, so their (zero) content never matters.
-                u_next = d[..., None] * _bcast(m_next, u) + apply_matrix(r_next, eps)
-                u_next = u_next + sum(apply_matrix(coef[j], hist[j] - eps) for j in range(1, order + 1))
+                u_next = sde.lift(m_next, d) + sde.apply(r_next, eps)
+                u_next = u_next + sum(sde.apply(coef[j], hist[j] - eps) for j in range(1, order + 1))
             else:
-                u_next = apply_matrix(psi, u) + sum(apply_matrix(coef[j], hist[j]) for j in range(order + 1))
-                u_next = u_next + apply_matrix(noise, jax.random.normal(k, u.shape, dtype))
+                u_next = sde.apply(psi, u) + sum(sde.apply(coef[j], hist[j]) for j in range(order + 1))
+                u_next = u_next + sde.apply(noise, jax.random.normal(k, u.shape, dtype))
             return (u_next, hist), (u, d)
 
         (u_fin, _), (traj, den) = jax.lax.scan(step, (u0, hist0), (xs, keys))
@@ -258,35 +257,30 @@ def _gddim(sde, model, u_init, ts, order, lam, key, return_trajectory, keep_resi
     return u_fin, info
 
 
-def _bcast(v, u):
-    return v.reshape((1,) * (u.ndim - 1) + v.shape)
-
-
 def _sscs(sde, model, u_init, ts, lam, key, return_trajectory):
     dtype = u_init.dtype
     n = len(ts) - 1
     mids = 0.5 * (ts[:-1] + ts[1:])
     half1 = np.stack([sde.transition_np(ts[i], mids[i]) for i in range(n)])
     half2 = np.stack([sde.transition_np(mids[i], ts[i + 1]) for i in range(n)])
-    nz1 = np.stack([_psd_sqrt(lam ** 2 * reverse_noise_cov(sde, mids[i], ts[i])) for i in range(n)])
-    nz2 = np.stack([_psd_sqrt(lam ** 2 * reverse_noise_cov(sde, ts[i + 1], mids[i])) for i in range(n)])
+    nz1 = np.stack([_psd_sqrt(lam ** 2 * sde.reverse_covariance_np(mids[i], ts[i])) for i in range(n)])
+    nz2 = np.stack([_psd_sqrt(lam ** 2 * sde.reverse_covariance_np(ts[i + 1], mids[i])) for i in range(n)])
     # Euler step of the score part du = -(1 + lam^2)/2 beta Q s dt over dt = -(t_i - t_{i+1}).
-    kick = np.stack([0.5 * (1 + lam ** 2) * float(sde.schedule.beta(np.float64(mids[i]), np)) * (ts[i] - ts[i + 1])
-                     * sde.Q for i in range(n)])
+    kick = np.stack([0.5 * (1 + lam ** 2) * (ts[i] - ts[i + 1]) * sde.noise_matrix_np(mids[i]) for i in range(n)])
     keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), 2 * n).reshape(n, 2, -1)
 
     @jax.jit
     def run(u0, keys):
         def step(u, inp):
             tm, h1, h2, g1, g2, kk, k2 = inp
-            u = apply_matrix(h1, u)
+            u = sde.apply(h1, u)
             if lam > 0:
-                u = u + apply_matrix(g1, jax.random.normal(k2[0], u.shape, dtype))
+                u = u + sde.apply(g1, jax.random.normal(k2[0], u.shape, dtype))
             _, s, d = model.all(u, tm)
-            u = u + apply_matrix(kk, s)
-            u = apply_matrix(h2, u)
+            u = u + sde.apply(kk, s)
+            u = sde.apply(h2, u)
             if lam > 0:
-                u = u + apply_matrix(g2, jax.random.normal(k2[1], u.shape, dtype))
+                u = u + sde.apply(g2, jax.random.normal(k2[1], u.shape, dtype))
             return u, (u, d)
 
         u_fin, (traj, den) = jax.lax.scan(step, u0, (jnp.asarray(mids, dtype), jnp.asarray(half1, dtype),
@@ -319,9 +313,7 @@ def _edm_heun(sde, model, u_init, ts, ode_jump, return_trajectory):
         def step(u, inp):
             i, t, t_next, ds, j0, j1 = inp
             eps, s, d = model.all(u, t)
-            beta = sde.beta(t)
-            d0 = (apply_matrix(beta * jnp.asarray(sde.A, dtype), u) - 0.5 * apply_matrix(
-                beta * jnp.asarray(sde.Q, dtype), s)) * j0
+            d0 = (sde.apply(sde.drift_matrix(t), u) - 0.5 * sde.apply(sde.noise_matrix(t), s)) * j0
             u_eul = u + ds * d0
             is_last = i == n - 1
             u_next = jax.lax.cond(is_last, lambda: u_eul,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import scipy.linalg
 
 from diffusion_jax.param import SquareRoot
 from diffusion_jax.sdes.linear import LinearSDE
@@ -61,23 +60,9 @@ def _lagrange_deriv(nodes: np.ndarray, j: int, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def reverse_noise_cov(sde: LinearSDE, t_next: float, t: float) -> np.ndarray:
-    """Sigma_rev = int_0^b e^{-A r} Q e^{-A^T r} dr, b = B(t) - B(t'), by Van Loan's block exponential."""
-    b = float(sde.schedule.integral(np.float64(t), np) - sde.schedule.integral(np.float64(t_next), np))
-    k = sde.order
-    a = -sde.A
-    blk = np.zeros((2 * k, 2 * k))
-    blk[:k, :k] = -a
-    blk[:k, k:] = sde.Q
-    blk[k:, k:] = a.T
-    e = scipy.linalg.expm(blk * b)
-    cov = e[k:, k:].T @ e[:k, k:]
-    return 0.5 * (cov + cov.T)
-
-
 def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh(cov)
-    return v * np.sqrt(np.clip(w, 0.0, None))
+    return v * np.sqrt(np.clip(w, 0.0, None))[..., None, :]
 
 
 @functools.lru_cache(maxsize=64)
@@ -87,20 +72,20 @@ def gddim_coefficients(sde: LinearSDE, sqrt: SquareRoot, grid: tuple[float, ...]
 
     ``psi`` (N, k, k), ``coef`` C (N, q+1, k, k) (times 1 + lam^2; C[i, j] multiplies the eps evaluated at
     grid[i - j], slots beyond the available history are zero), ``noise`` factors (N, k, k), ``m_next``
-    (N, k) = m_{t'}, ``r_next`` (N, k, k) = R_{t'}.
+    (N, k) = m_{t'}, ``r_next`` (N, k, k) = R_{t'}; a modal family's carry its ``mode_shape`` before (k, k).
     """
     ts = np.asarray(grid, np.float64)
-    n, k = len(ts) - 1, sde.order
-    psi = np.empty((n, k, k))
-    coef = np.zeros((n, order + 1, k, k))
-    noise = np.zeros((n, k, k))
-    m_next = np.stack([sde.transition_np(0.0, t)[:, 0] for t in ts[1:]])
+    n = len(ts) - 1
+    # Per-step matrices have the family's shape: (k, k), or (*mode_shape, k, k) for a modal family.
+    psi = np.stack([sde.transition_np(ts[i], ts[i + 1]) for i in range(n)])
+    coef = np.zeros((n, order + 1) + psi.shape[1:])
+    noise = np.zeros_like(psi)
+    m_next = np.stack([sde.transition_np(0.0, t)[..., :, 0] for t in ts[1:]])
     r_next = np.stack([sqrt.np(t) for t in ts[1:]])
     gl_x, gl_w = np.polynomial.legendre.leggauss(_GL_NODES)
     for i in range(n):
         t, t_next = ts[i], ts[i + 1]
-        psi[i] = sde.transition_np(t, t_next)
-        r_t, r_tn = sqrt.np(t), sqrt.np(t_next)
+        r_t, r_tn = sqrt.np(t), r_next[i]
         q = min(order, i)
         nodes = ts[i - q:i + 1][::-1]                   # t_i, t_{i-1}, ..., t_{i-q}
         # quadrature in v = log tau over [log t', log t] (R varies on a log scale near 0)
@@ -108,15 +93,14 @@ def gddim_coefficients(sde: LinearSDE, sqrt: SquareRoot, grid: tuple[float, ...]
         v = 0.5 * (v_hi - v_lo) * gl_x + 0.5 * (v_hi + v_lo)
         taus = np.exp(v)
         wts = 0.5 * (v_hi - v_lo) * gl_w * taus       # d tau = tau dv
-        p_vals = np.stack([sde.transition_np(tau, t_next) @ sqrt.np(tau) for tau in taus])
+        p_vals = np.stack([sde.transition_np(tau, t_next) @ sqrt.np(tau) for tau in taus]) if q else None
         for j in range(q + 1):
             lj_next = _lagrange(nodes, j, np.array([t_next]))[0]
             lj_t = _lagrange(nodes, j, np.array([t]))[0]
-            dl = _lagrange_deriv(nodes, j, taus)
-            # int_t^{t'} P l_j' dtau = -int_{t'}^{t} P l_j' dtau
-            integral = -np.einsum("q,qab->ab", wts * dl, p_vals)
+            # int_t^{t'} P l_j' dtau = -int_{t'}^{t} P l_j' dtau  (l_0 = 1 and l_0' = 0 when q = 0)
+            integral = -np.tensordot(wts * _lagrange_deriv(nodes, j, taus), p_vals, axes=1) if q else 0.0
             coef[i, j] = lj_next * r_tn - lj_t * psi[i] @ r_t - integral
         if lam > 0:
-            noise[i] = _psd_sqrt(lam ** 2 * reverse_noise_cov(sde, t_next, t))
+            noise[i] = _psd_sqrt(lam ** 2 * sde.reverse_covariance_np(t_next, t))
     coef *= 1.0 + lam ** 2
     return dict(psi=psi, coef=coef, noise=noise, m_next=m_next, r_next=r_next)

@@ -16,8 +16,7 @@ def noise_level(sde: LinearSDE, t: np.ndarray) -> np.ndarray:
     t = np.atleast_1d(np.asarray(t, np.float64))
     out = np.empty_like(t)
     for i, ti in enumerate(t):
-        m = sde.transition_np(0.0, ti)[0, 0]
-        out[i] = np.sqrt(sde.covariance_np(ti)[0, 0]) / m
+        out[i] = sde.noise_level_np(ti)
     return out
 
 

@@ -313,7 +313,77 @@ class LinearSDE:
         per_pixel = -0.5 * jnp.sum(w * w, axis=-1) - 0.5 * (logdet + k * math.log(2 * math.pi))
         return jnp.sum(per_pixel, axis=tuple(range(batch_ndim, per_pixel.ndim)))
 
+    # ------------------------------------------------------------------ the common family interface
+    # Shared with :class:`~diffusion_jax.sdes.modal.ModalSDE`: a family that acts through an orthogonal
+    # basis change overrides these; here the basis is the identity and one k x k matrix serves every pixel.
+    mode_ndim = 0
+    data_shape = None
+
+    @property
+    def noise_rows(self) -> tuple[int, ...]:
+        """Phase-space coordinates that the noise drives (non-zero rows of Q)."""
+        return tuple(i for i in range(self.order) if np.any(self.Q[i] != 0))
+
+    def to_modes(self, u: Array) -> Array:
+        return u
+
+    def from_modes(self, w: Array) -> Array:
+        return w
+
+    def apply(self, m: Array, u: Array) -> Array:
+        """M u per pixel for matrices m of shape (*t, k, k) (t scalar or u's leading batch axes)."""
+        return apply_matrix(m, u)
+
+    def lift(self, m: Array, x: Array) -> Array:
+        """The state m x from data x (batch, *data) and vectors m (*t, k): e.g. the mean m_t x_0."""
+        m = jnp.asarray(m)
+        m = m.reshape(m.shape[:-1] + (1,) * (x.ndim - (m.ndim - 1)) + m.shape[-1:])
+        return m * x[..., None]
+
+    def project(self, w: Array, u: Array) -> Array:
+        """Data w^T u from a state u and vectors w (*t, k)."""
+        w = jnp.asarray(w)
+        w = w.reshape(w.shape[:-1] + (1,) * (u.ndim - w.ndim) + w.shape[-1:])
+        return jnp.sum(w * u, axis=-1)
+
+    def mode_mean(self, x: Array) -> Array:
+        """Average of per-mode vectors over the mode axes (none here)."""
+        return x
+
+    def noise_matrix(self, t: Array) -> Array:
+        """G G^T (t) = beta(t) Q, shape (*t.shape, k, k)."""
+        beta = self.beta(t)
+        return beta[..., None, None] * jnp.asarray(self.Q, beta.dtype)
+
+    def drift_trace(self, t: Array, data_shape: tuple[int, ...]) -> Array:
+        """tr F over a whole state of data shape ``data_shape``: n_pixels beta(t) tr A."""
+        n = int(np.prod(data_shape, dtype=np.int64))
+        return self.beta(t) * (n * float(np.trace(self.A)))
+
     # ------------------------------------------------------------------ public API (host float64)
+    def drift_matrix_np(self, t: float) -> np.ndarray:
+        return float(self.schedule.beta(np.float64(t), np)) * self.A
+
+    def noise_matrix_np(self, t: float) -> np.ndarray:
+        return float(self.schedule.beta(np.float64(t), np)) * self.Q
+
+    def reverse_covariance_np(self, t_next: float, t: float) -> np.ndarray:
+        """Sigma_rev = int_0^b e^{-A r} Q e^{-A^T r} dr, b = B(t) - B(t'): the noise of the exact reverse
+        linear step t -> t' < t, by Van Loan's block exponential."""
+        b = float(self.schedule.integral(np.float64(t), np) - self.schedule.integral(np.float64(t_next), np))
+        k = self.order
+        blk = np.zeros((2 * k, 2 * k))
+        blk[:k, :k] = self.A
+        blk[:k, k:] = self.Q
+        blk[k:, k:] = -self.A.T
+        e = scipy.linalg.expm(blk * b)
+        cov = e[k:, k:].T @ e[:k, k:]
+        return 0.5 * (cov + cov.T)
+
+    def noise_level_np(self, t: float) -> float:
+        """sqrt(Sigma_t[x, x]) / m_t[x]: the noise-to-signal ratio of the data coordinate (EDM's sigma)."""
+        return float(np.sqrt(self.covariance_np(t)[0, 0]) / self.transition_np(0.0, t)[0, 0])
+
     def expm_b_np(self, b: float) -> np.ndarray:
         b = float(b)
         p = self._phi_pos(np.float64(abs(b)), np)

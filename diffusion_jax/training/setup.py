@@ -51,6 +51,9 @@ class Experiment:
 def build_experiment(config, data_shape: tuple[int, ...]) -> Experiment:
     configs.validate(config)
     sde = families.make(config.family.name, **dict(config.family.params))
+    if sde.data_shape is not None and tuple(sde.data_shape) != tuple(data_shape):
+        raise ValueError(f"{sde.name} was built for data of shape {tuple(sde.data_shape)} but the data set "
+                         f"gives {tuple(data_shape)}: set --config.family.params.shape='{tuple(data_shape)}'")
     sqrt = square_root(sde, config.model.K)
     precond = Preconditioner(sde, sqrt, sigma_data=config.data.sigma_data, mixed=config.model.mixed_score)
     width = network_channels(sde, data_shape)
