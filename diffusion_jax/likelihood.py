@@ -199,8 +199,8 @@ def _check_common(sde, fn, u_shape, dtype, output, K, trace, n_probes, probe, rt
 
 # ------------------------------------------------------------------ the augmented ODE
 def _noise_rows(sde: LinearSDE) -> tuple[int, ...]:
-    """Phase-space coordinates whose row of Q is non-zero: the only ones where J_g has a diagonal."""
-    return tuple(i for i in range(sde.order) if np.any(sde.Q[i] != 0))
+    """Phase-space coordinates the noise drives: the only ones where J_g has a diagonal."""
+    return sde.noise_rows
 
 
 def _nfe_formula(solver: Any) -> tuple[int, int]:
@@ -228,9 +228,6 @@ def _build(sde: LinearSDE, fn: Callable, output: str, K: Any, trace: str, rtol: 
         data_shape = u0.shape[:-1]
         n_data = int(np.prod(data_shape, dtype=np.int64))
         dtype = u0.dtype
-        a_mat = jnp.asarray(sde.A, dtype)
-        q_mat = jnp.asarray(sde.Q, dtype)
-        tr_a = float(np.trace(sde.A))
         if trace == "exact":
             # one-hot basis vectors e_(pixel, c) for c in rows: J_g e_j is column j, its j-th entry J_jj
             basis = np.zeros((n_data * len(rows), n_data, sde.order), dtype=np.float32)
@@ -242,16 +239,16 @@ def _build(sde: LinearSDE, fn: Callable, output: str, K: Any, trace: str, rtol: 
 
         def vf(t, y, args):
             u, _ = y
-            beta = sde.beta(t)
+            noise = sde.noise_matrix(t).astype(dtype)
 
             def g(v):                                    # the score part of the drift
-                return -0.5 * beta * apply_matrix(q_mat, model.score(v[None], t)[0])
+                return -0.5 * sde.apply(noise, model.score(v[None], t)[0])
 
             g_u, g_lin = jax.linearize(g, u)
-            du = beta * apply_matrix(a_mat, u) + g_u
+            du = sde.apply(sde.drift_matrix(t).astype(dtype), u) + g_u
             quad = jnp.sum(jax.vmap(g_lin)(vecs) * vecs)  # sum_p z_p^T J_g z_p  (or sum_j J_jj)
             div_g = quad if trace == "exact" else quad / vecs.shape[0]
-            return du, beta * (n_data * tr_a) + div_g
+            return du, sde.drift_trace(t, data_shape).astype(dtype) + div_g
 
         t0 = jnp.asarray(t0, dtype)
         # Scale-free start: near t_eps the flow of near-Dirac data changes on the time scale t itself.

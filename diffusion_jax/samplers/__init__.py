@@ -10,7 +10,7 @@ Methods (probability-flow ODE du/dt = F u - 1/2 G G^T s; reverse SDE du = [F u -
 
 * ``euler``, ``heun``, ``midpoint``, ``tsit5``: diffrax, fixed steps on the time grid;
   ``dopri5`` / ``tsit5_adaptive``: diffrax with a PID controller (rtol, atol);
-* ``euler_maruyama``: the reverse SDE through diffrax (diagonal noise as a lineax operator);
+* ``euler_maruyama``: the reverse SDE through diffrax (G(t) dW as a lineax operator, through the family's basis);
 * ``gddim``: exponential integrator in eps, multistep ``order`` q = 0..3, stochastic with ``lam`` > 0;
 * ``sscs``: Strang splitting, exact linear half-steps (with their noise) around an Euler score step;
 * ``edm_heun``: Karras et al.'s Heun in the noise level sigma(t) (last step Euler), ``ode_jump`` to end

@@ -11,7 +11,8 @@ GRIDS = ("uniform", "quadratic", "logsnr", "edm")
 def noise_level(sde: LinearSDE, t: np.ndarray) -> np.ndarray:
     """sigma(t) = sqrt(Sigma_t[x, x]) / m_t[x]: the noise-to-signal ratio of the data coordinate.
 
-    For VE it is sqrt(B(t)) (EDM's sigma); for VP sqrt(e^B - 1) (EDM's sigma of VP).
+    For VE it is sqrt(B(t)) (EDM's sigma); for VP sqrt(e^B - 1) (EDM's sigma of VP); for a modal family
+    (bdm) that of its unblurred lowest-frequency mode.
     """
     t = np.atleast_1d(np.asarray(t, np.float64))
     out = np.empty_like(t)
