@@ -27,6 +27,13 @@ projection on those coordinates, and P_R J_g = J_g) and removes the cross terms 
 coordinates from its variance. The Jacobian-vector products come from one ``jax.linearize`` per
 vector-field evaluation, so the network's forward pass is shared by every probe or basis vector.
 
+Modal families (:class:`~diffusion_jax.sdes.modal.ModalSDE`, e.g. blurring diffusion) have, with the
+orthogonal basis V, f(u, t) = V F V^T u - 1/2 V G G^T V^T s(u, t) (F, G G^T diagonal per mode). Every term
+goes through the family interface (``sde.apply`` for the matrices, ``sde.drift_trace`` for
+tr(V F V^T) = sum over modes of f_f(t), ``sde.noise_rows``), and the trace of J_g is basis-invariant, so the
+exact trace (one-hot pixel vectors) and the Hutchinson probes (pixel-space) need nothing else. k = 1 there,
+so ``logp`` is log p^theta_eps(x_0) itself.
+
 Per-example solves
 ------------------
 Each example is its own ODE [u, delta_logp] (a ``jax.vmap`` over a single-example ``diffeqsolve``), so

@@ -296,3 +296,97 @@ def test_plots_write_pngs(tmp_path):
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) > 2000
     with pytest.raises(ValueError):
         analysis.plot_trajectories_2d(tmp_path / "bad.png", np.zeros((3, 2, 3)))
+
+
+# ------------------------------------------------------------------ a modal family: blurring diffusion (bdm)
+BDM_SHAPE = (4, 4, 1)
+PHI_T = math.atan(math.exp(5.0))                 # bdm's default logsnr_min = -10
+
+
+@functools.lru_cache(maxsize=None)
+def bdm():
+    return sdes.make("bdm", shape=BDM_SHAPE, sigma_blur_max=3.0)
+
+
+def bdm_mean_operator(t):
+    """M_t = V diag(a_f(t)) V^T (16 x 16) and sigma_t^2 from the closed forms, with scipy's orthonormal DCT."""
+    from scipy.fft import dctn, idctn
+    lam = np.pi ** 2 * (np.arange(4)[:, None] ** 2 + np.arange(4)[None, :] ** 2) / 16.0
+    s_blur = 3.0 * math.sin(math.pi * t / 2) ** 2
+    a = math.cos(PHI_T * t) * (0.999 * np.exp(-lam * s_blur ** 2 / 2) + 0.001)
+    eye = np.eye(16).reshape(16, 4, 4, 1)
+    cols = idctn(a[None, :, :, None] * dctn(eye, axes=(1, 2), norm="ortho"), axes=(1, 2), norm="ortho")
+    return cols.reshape(16, 16).T, math.sin(PHI_T * t) ** 2
+
+
+def test_bdm_edm_view_uses_the_unblurred_mode():
+    """For a modal family m_t is that of the zero-frequency mode, a_0(t) = cos(phi_T t) (d_0 = 1, no blur), and
+    sigma(t) = tan(phi_T t) its noise-to-signal ratio."""
+    sde = bdm()
+    ts = np.array([1.0, 0.5, 0.1, 1e-3])
+    for t in ts:
+        assert analysis.reference_mean_coefficient(sde, t) == pytest.approx(math.cos(PHI_T * t), rel=1e-12)
+    traj = np.random.default_rng(0).normal(size=(4, 2) + BDM_SHAPE)
+    sig, xhat = analysis.edm_view(sde, ts, traj)
+    np.testing.assert_allclose(sig, np.tan(PHI_T * ts), rtol=1e-10)
+    np.testing.assert_allclose(xhat, traj / np.cos(PHI_T * ts)[:, None, None, None, None], rtol=1e-12)
+
+
+def test_mean_shift_identity_rejects_modal_families_before_compiling(monkeypatch):
+    import diffusion_jax.analysis.meanshift as meanshift
+
+    def never(*args, **kwargs):
+        raise AssertionError("the optimal denoiser / mean shift ran before the family was checked")
+
+    monkeypatch.setattr(meanshift, "_empirical_batch", never)
+    monkeypatch.setattr(meanshift, "mean_shift_step", never)
+    data, x = np.zeros((3, 16), np.float32), np.zeros((2, 16), np.float32)
+    with pytest.raises(ValueError, match="mean coefficient differs across its 16 modes") as err:
+        analysis.euler_mean_shift_identity(bdm(), data, x, 0.5, 0.4)
+    assert "one scalar law for every data dimension" in str(err.value)
+    assert "score_deviation" in str(err.value)                       # what to use instead
+    # near t = 0 every a_f(t) is 1 to ~1e-18: the check also looks at T, where the blur is strongest
+    with pytest.raises(ValueError, match="mean coefficient differs"):
+        analysis.euler_mean_shift_identity(bdm(), data, x, 2e-5, 1e-5)
+    analysis.check_scalar_law(family("vp"), (0.5, 0.4))              # one law for every pixel: accepted
+
+
+def test_bdm_score_deviation_of_the_exact_optimal_denoiser_is_zero():
+    """Blurring diffusion, learned model = the optimal denoiser computed another way (the Dirac mixture of the
+    training points through exact.mixture_denoiser): both deviations vanish to float32 accuracy, the final
+    denoised samples are training points, and D* along the optimal path matches a float64 pixel-space softmax
+    softmax_n(-|u - M_t y_n|^2 / (2 sigma_t^2)) y_n built with scipy's DCT."""
+    sde = bdm()
+    rng = np.random.default_rng(12)
+    n = 24
+    data = rng.uniform(-1, 1, size=(n,) + BDM_SHAPE).astype(np.float32)
+    flat = data.reshape(n, -1)
+    dirac = exact.GaussianMixture.create(flat, 0.0)
+
+    def learned(u, t):
+        uf = u.reshape(u.shape[0], -1, 1)
+        return jax.vmap(lambda uu, tt: exact.mixture_denoiser(sde, dirac, uu, tt))(uf, t).reshape(u.shape[:-1])
+
+    u0 = samplers.prior_init(sde, jax.random.PRNGKey(4), 6, BDM_SHAPE)
+    res = analysis.score_deviation(sde, learned, data, u0, method="gddim", nfe=12, output="denoiser", chunk=10)
+    n_t = len(res["ts"])
+    assert res["learned_deviation"].shape == (n_t, 6) and res["traj_optimal"].shape == (n_t, 6) + BDM_SHAPE + (1,)
+    # measured: learned 1.0e-6, optimal 8.3e-7, sampling 5.9e-6
+    assert np.max(res["learned_deviation"]) < 1e-4 and np.max(res["optimal_deviation"]) < 1e-4
+    assert np.max(res["sampling"]) < 1e-3 and np.max(res["denoising"]) < 1e-3
+    # the optimal sampler memorises: its final denoised samples (D* at t_min) are training points
+    nn = analysis.nearest_neighbors(res["D_optimal"][-1], data, k=2)
+    assert np.max(nn["distance"][:, 0]) < 1e-5 and np.max(nn["ratio"]) < 1e-4
+    # D*(u*_t, t) along the optimal path against the float64 pixel-space posterior mean
+    data64 = flat.astype(np.float64)
+    spread = []
+    for i, t in enumerate(res["ts"]):
+        mt, s2 = bdm_mean_operator(float(t))
+        u = res["traj_optimal"][i].reshape(6, 16)
+        r = u[:, None, :] - (data64 @ mt.T)[None]
+        logit = -0.5 * np.sum(r * r, axis=-1) / s2
+        w = np.exp(logit - logsumexp(logit, axis=1, keepdims=True))
+        spread.append(np.max(1.0 / np.sum(w * w, axis=1)))
+        np.testing.assert_allclose(res["D_optimal"][i].reshape(6, 16), w @ data64, atol=1e-5, rtol=0,
+                                   err_msg=f"t={t}")
+    assert max(spread) > 3                       # some posteriors spread over several training points

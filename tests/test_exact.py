@@ -16,7 +16,7 @@ import scipy.linalg
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from diffusion_jax import exact, sdes
+from diffusion_jax import exact, param, sdes
 
 FAMILIES = [("vp", {}), ("ve", {}), ("cld", {}), ("told", {}), ("psld", {}), ("cdhold", {"n": 4})]
 FAMILY_IDS = ["vp", "ve", "cld", "told", "psld", "cdhold4"]
@@ -486,3 +486,201 @@ def test_empirical_denoiser_image_sized_data():
         p = np.exp(logit - logsumexp(logit))
         assert 1.0 / np.sum(p * p) > 2                            # the weights are genuinely spread
         np.testing.assert_allclose(got[j], p @ data64, atol=5e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ modal families: blurring diffusion (bdm)
+# Independent float64 pixel-space references: the mean operator M_t = V diag(a_f(t)) V^T is built column by
+# column with scipy's orthonormal DCT (not the library's), a_f and sigma_t from the closed forms of Hoogeboom &
+# Salimans written out here, and the mixture is sum_i w_i N(M_t mu_i, v_i M_t M_t^T + sigma_t^2 I) on R^d.
+BDM = dict(sigma_blur_max=3.0, d_min=0.001, logsnr_min=-10.0)
+BDM_SHAPES = [(4, 4, 1), (4, 4, 2)]
+BDM_TIMES = [1e-3, 0.1, 0.5, 1.0]
+
+
+@functools.lru_cache(maxsize=None)
+def bdm_family(shape):
+    return sdes.make("bdm", shape=shape, **BDM)
+
+
+def bdm_law64(shape, t):
+    """(M_t (d x d), sigma_t^2) in pixel space, float64, from the closed forms (T = 1)."""
+    from scipy.fft import dctn, idctn
+    h, w = shape[:2]
+    i, j = np.arange(h)[:, None], np.arange(w)[None, :]
+    lam = np.pi ** 2 * (i ** 2 / h ** 2 + j ** 2 / w ** 2)                    # (H, W)
+    phi_t = math.atan(math.exp(-BDM["logsnr_min"] / 2))
+    s_blur = BDM["sigma_blur_max"] * math.sin(math.pi * t / 2) ** 2
+    a = math.cos(phi_t * t) * ((1 - BDM["d_min"]) * np.exp(-lam * s_blur ** 2 / 2) + BDM["d_min"])
+    d = int(np.prod(shape))
+    eye = np.eye(d).reshape((d,) + tuple(shape))                              # unit images e_n
+    cols = idctn(a[None, :, :, None] * dctn(eye, axes=(1, 2), norm="ortho"), axes=(1, 2), norm="ortho")
+    return cols.reshape(d, d).T, math.sin(phi_t * t) ** 2                       # column n = M_t e_n
+
+
+def bdm_ref(mix, u, t, shape):
+    """float64 reference of the pixel-space mixture at u (d,): a dict with log p_t(u) ``logp``, ``score``,
+    denoiser ``den``, ``scale`` = sum_i r_i |C_i^{-1}(u - M mu_i)| (the size of the terms the score sums) and
+    the float32 floors ``score_floor`` / ``den_floor`` of the two mixtures. A logit is a sum of d squares, so
+    float32 rounds it by ~eps32 max_i quad_i / 2, and sum_i r_i q_i then moves by up to
+    2 max|dlogit| sum_i r_i |q_i - sum r q| (floor: twice that); it matters midway between components."""
+    means, var, weights = mix64(mix)
+    mt, s2 = bdm_law64(shape, t)
+    d = len(u)
+    logits, solved, post, quad = [], [], [], []
+    for mu, v, w in zip(means, var, weights):
+        c = v * mt @ mt.T + s2 * np.eye(d)
+        chol = np.linalg.cholesky(c)
+        white = scipy.linalg.solve_triangular(chol, u - mt @ mu, lower=True)
+        quad.append(white @ white)
+        logits.append(math.log(w) - 0.5 * white @ white - np.log(np.diag(chol)).sum() - 0.5 * d * math.log(2 * math.pi))
+        sol = scipy.linalg.solve_triangular(chol, white, lower=True, trans="T")   # C_i^{-1} (u - M mu_i)
+        solved.append(sol)
+        post.append(mu + v * mt.T @ sol)
+    logits, solved, post = np.array(logits), np.array(solved), np.array(post)
+    resp = np.exp(logits - logsumexp(logits))
+    score, den = -resp @ solved, resp @ post
+    dlogit = 4 * EPS32 * max(0.5 * max(quad), 1.0)
+    return dict(logp=logsumexp(logits), score=score, den=den, scale=resp @ np.linalg.norm(solved, axis=1),
+                score_floor=dlogit * (resp @ np.linalg.norm(-solved - score, axis=1)),
+                den_floor=dlogit * (resp @ np.abs(post - den).max(axis=1)))
+
+
+def bdm_state_sensitivity(mix, u, t, shape, ref, n=3, seed=5):
+    """How far rounding the state to float32 alone moves the exact score: max over n relative perturbations
+    of size eps32 / 2 (the same probe as test_dirac_score_at_small_t_is_limited_by_float32_state)."""
+    rng = np.random.default_rng(seed)
+    return max(np.linalg.norm(bdm_ref(mix, u * (1 + 0.5 * EPS32 * rng.uniform(-1, 1, u.shape)), t, shape)["score"]
+                              - ref["score"]) for _ in range(n))
+
+
+def bdm_states(mix, t, shape, n=6, seed=1):
+    """float32 pixel-space states (n, d, 1): draws from p_t, a point between two components, a far point."""
+    rng = np.random.default_rng(seed)
+    means, var, weights = mix64(mix)
+    mt, s2 = bdm_law64(shape, t)
+    out = []
+    for j in range(n):
+        if j == n - 2:
+            x0 = 0.5 * (means[0] + means[1])
+        else:
+            i = rng.choice(len(weights), p=weights / weights.sum())
+            x0 = means[i] + math.sqrt(var[i]) * rng.normal(size=means.shape[1])
+        u = mt @ x0 + math.sqrt(s2) * rng.normal(size=means.shape[1])
+        out.append(3.0 * u if j == n - 1 else u)
+    return np.asarray(out, np.float32)[..., None]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def j_bdm(sde, mix, us, t, kmat):
+    def one(u):
+        logp, grad = jax.value_and_grad(lambda v: exact.mixture_log_density(sde, mix, v, t))(u)
+        return dict(score=exact.mixture_score(sde, mix, u, t), den=exact.mixture_denoiser(sde, mix, u, t),
+                    logp=logp, grad=grad, eps=exact.mixture_eps(sde, mix, u, t),
+                    eps_k=exact.mixture_eps(sde, mix, u, t, kmat))
+    return jax.vmap(one)(us)
+
+
+def test_bdm_reference_matches_scipy_and_finite_differences():
+    """The float64 reference itself: scipy's logpdf, central differences, and M_t = V diag(a) V^T as the
+    identity at t = 0 and as a low-pass (only the flat image keeps its size, up to cos(phi_T t))."""
+    shape = (4, 4, 1)
+    mix = make_mixture("mixed", d=16)
+    means, var, weights = mix64(mix)
+    t = 0.5
+    mt, s2 = bdm_law64(shape, t)
+    np.testing.assert_allclose(bdm_law64(shape, 0.0)[0], np.eye(16), atol=1e-14)
+    np.testing.assert_allclose(mt, mt.T, atol=1e-14)
+    alpha = math.cos(math.atan(math.exp(5.0)) * t)
+    np.testing.assert_allclose(mt @ np.ones(16), alpha * np.ones(16), rtol=1e-12)
+    assert np.linalg.norm(mt @ (-1.0) ** np.arange(16)) < 0.5 * alpha * 4
+    u = bdm_states(mix, t, shape, n=1)[0, :, 0].astype(np.float64)
+
+    def scipy_logp(x):
+        return logsumexp([math.log(w) + multivariate_normal(mt @ mu, v * mt @ mt.T + s2 * np.eye(16)).logpdf(x)
+                          for mu, v, w in zip(means, var, weights)])
+
+    ref = bdm_ref(mix, u, t, shape)
+    logp, score = ref["logp"], ref["score"]
+    assert abs(logp - scipy_logp(u)) < 1e-9 * (1 + abs(logp))
+    h = 1e-5
+    fd = np.array([(scipy_logp(u + h * e) - scipy_logp(u - h * e)) / (2 * h) for e in np.eye(16)])
+    assert rel_err(fd, score) < 1e-6
+
+
+@pytest.mark.parametrize("shape", BDM_SHAPES, ids=["4x4x1", "4x4x2"])
+def test_bdm_mixture_matches_float64_pixel_space(shape):
+    """Score (and the autodiff gradient of the log-density), log-density, denoiser and eps of Gaussian, mixed
+    and Dirac mixtures under blurring diffusion against the pixel-space float64 reference, t in [1e-3, 1].
+
+    Tolerances: 1e-4 relative (score, eps; against ``scale``) and 1e-5 absolute (denoiser), plus the float32
+    floors the reference states: the logit floor (midway between components, where the responsibilities are
+    ~1/2 and the logits sums of d squares) and, for the score, 4x the float32 state's own sensitivity (Dirac
+    components at t = 1e-3, where sigma_t = 1.6e-3 and the basis change adds a few roundings of |u| to the
+    residual). Measured worst ratios err / tolerance are printed (-s)."""
+    sde = bdm_family(shape)
+    d = int(np.prod(shape))
+    k_r = param.square_root(sde, "R")
+    worst = {}
+    for case in ["gauss", "mixed", "dirac"]:
+        mix = make_mixture(case, d=d)
+        for t in BDM_TIMES:
+            us = bdm_states(mix, t, shape)
+            out = j_bdm(sde, mix, jnp.asarray(us), jnp.asarray(t, jnp.float32), k_r(jnp.asarray(t, jnp.float32)))
+            out = {key: np.asarray(v, np.float64) for key, v in out.items()}
+            s_t = math.sqrt(bdm_law64(shape, t)[1])
+            for j, u in enumerate(us[..., 0].astype(np.float64)):
+                r = bdm_ref(mix, u, t, shape)
+                ref = r["score"]
+                tol = 1e-4 * r["scale"] + r["score_floor"] + 4 * bdm_state_sensitivity(mix, u, t, shape, r)
+                ratios = dict(score=np.linalg.norm(out["score"][j, :, 0] - ref) / tol,
+                              grad=np.linalg.norm(out["grad"][j, :, 0] - ref) / tol,
+                              # eps = -K^T score = -sigma_t score (K = L = R = sigma_t for every mode)
+                              eps=np.linalg.norm(out["eps"][j, :, 0] + s_t * ref) / (s_t * tol),
+                              eps_k=np.linalg.norm(out["eps_k"][j, :, 0] + s_t * ref) / (s_t * tol),
+                              logp=abs(out["logp"][j] - r["logp"]) / (1e-5 * (abs(r["logp"]) + d)),
+                              den=np.abs(out["den"][j] - r["den"]).max() / (1e-5 + r["den_floor"]))
+                for key, v in ratios.items():
+                    worst[key] = max(worst.get(key, 0.0), v)
+                assert max(ratios.values()) < 1.0, ((case, t, j), ratios)
+    print(shape, "worst err / tolerance:", {k: f"{v:.2f}" for k, v in worst.items()})
+
+
+def test_bdm_mixture_eps_checks_the_square_root_shape():
+    sde = bdm_family((4, 4, 1))
+    mix = make_mixture("gauss", d=16)
+    with pytest.raises(ValueError, match="broadcast"):
+        exact.mixture_eps(sde, mix, jnp.zeros((16, 1)), 0.5, jnp.ones((3, 1, 1)))
+    with pytest.raises(ValueError, match="data dimensions"):
+        exact.mixture_score(sde, make_mixture("gauss", d=8), jnp.zeros((8, 1)), 0.5)
+
+
+@pytest.mark.parametrize("shape", BDM_SHAPES, ids=["4x4x1", "4x4x2"])
+def test_bdm_empirical_denoiser_and_score_match_float64_softmax(shape):
+    """D(u) = softmax_n(-|u - M_t y_n|^2 / (2 sigma_t^2)) y_n in float64 pixel space; the score is Tweedie's
+    -(u - M_t D) / sigma_t^2; the Dirac mixture of the same points agrees; chunk sizes do not matter."""
+    sde = bdm_family(shape)
+    d = int(np.prod(shape))
+    rng = np.random.default_rng(11)
+    data = rng.uniform(-1, 1, size=(200, d)).astype(np.float32)
+    data64 = data.astype(np.float64)
+    spreads = []
+    for t in [1e-3, 0.05, 0.3, 1.0]:
+        mt, s2 = bdm_law64(shape, t)
+        x0 = np.stack([data64[3], 0.5 * (data64[5] + data64[6]), data64[9], 0.3 * data64[1]])
+        us = (x0 @ mt.T + math.sqrt(s2) * rng.normal(size=x0.shape)).astype(np.float32)[..., None]
+        den, score, mix_den, mix_score = empirical_outputs(sde, data, us, t, 64)   # 64 does not divide 200
+        den7 = np.asarray(jax.jit(jax.vmap(lambda u: exact.empirical_denoiser(sde, jnp.asarray(data), u, t, 7)))(
+            jnp.asarray(us)), np.float64)
+        for j, u in enumerate(us[..., 0].astype(np.float64)):
+            resid = u[None, :] - data64 @ mt.T
+            logit = -0.5 * np.sum(resid * resid, axis=1) / s2
+            p = np.exp(logit - logsumexp(logit))
+            spreads.append(1.0 / np.sum(p * p))
+            ref = p @ data64
+            np.testing.assert_allclose(den[j], ref, atol=1e-5, rtol=0, err_msg=f"t={t} j={j}")
+            np.testing.assert_allclose(den7[j], den[j], atol=2e-6, rtol=0)
+            np.testing.assert_allclose(mix_den[j], ref, atol=1e-5, rtol=0)
+            ref_s = -(u - mt @ ref) / s2
+            assert rel_err(score[j, :, 0], ref_s) < 1e-4 and rel_err(mix_score[j, :, 0], ref_s) < 1e-4, (t, j)
+    # not only nearest-point snapping: at large t the posterior spreads over many points
+    assert max(spreads) > 20 and min(spreads) < 1.01, (min(spreads), max(spreads))

@@ -10,7 +10,11 @@ initial state u_T (and, for stochastic samplers, the same key). With u^theta_t a
     optimal-path deviation   ||D_theta(u*_t, t) - D*(u*_t, t)||          (score deviation along the optimal path)
 
 per example and per grid time (Euclidean norms over all data dimensions). The denoiser error is the score
-error up to the known factor: s_theta - s* = Sigma_t^{-1} m_t (D_theta - D*) per data dimension.
+error up to the known factor: s_theta - s* = Sigma_t^{-1} m_t (D_theta - D*) per data dimension (for a modal
+family, e.g. blurring diffusion, per mode in the family's basis V: s_theta - s* = V (Sigma_f^{-1} m_f
+(V^T (D_theta - D*))_f)). Everything here goes through the family interface, so modal families need nothing
+else: states, denoisers and distances stay in pixel space, and D* is the pixel-space convex combination of
+the training points that :func:`exact.empirical_denoiser` forms with per-mode kernel weights.
 
 The optimal sampler memorises: its samples are training points. Nearest-neighbour distances of samples to
 the training set (and the ratio of the nearest to the second-nearest distance, small for a copy) measure
@@ -31,17 +35,19 @@ from diffusion_jax.param import Model, SquareRoot
 from diffusion_jax.samplers import sample
 from diffusion_jax.samplers.grids import noise_level
 from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.modal import ModalSDE
 
 Array = Any
 
 __all__ = ["empirical_denoiser_fn", "denoiser_along", "score_deviation", "nearest_neighbors"]
 
 
-def empirical_denoiser_fn(sde: LinearSDE, data: Array, chunk: int = 1024) -> Callable[[Array, Array], Array]:
+def empirical_denoiser_fn(sde: LinearSDE | ModalSDE, data: Array, chunk: int = 1024) -> Callable[[Array, Array], Array]:
     """``fn(u, t_batch)`` -> D*(u, t), shape (batch, *data), for ``samplers.sample(..., output="denoiser")``.
 
     ``data`` has shape (n, *data_shape); u has shape (batch, *data_shape, k) and t_batch (batch,).
-    Each example calls :func:`exact.empirical_denoiser` (vmapped), streaming the data in ``chunk`` rows.
+    Each example calls :func:`exact.empirical_denoiser` (vmapped) on its state flattened to (d, k), streaming
+    the data in ``chunk`` rows (a modal family's basis change happens inside, on the family's data shape).
     """
     data = jnp.asarray(data)
     if data.ndim < 2:
@@ -60,7 +66,7 @@ def empirical_denoiser_fn(sde: LinearSDE, data: Array, chunk: int = 1024) -> Cal
     return fn
 
 
-def denoiser_along(sde: LinearSDE, fn: Callable, traj: Array, ts: Array, output: str = "eps",
+def denoiser_along(sde: LinearSDE | ModalSDE, fn: Callable, traj: Array, ts: Array, output: str = "eps",
                    K: str | SquareRoot = "R") -> Array:
     """D(u_{t_i}, t_i) for every state of a trajectory (N+1, batch, *data, k): shape (N+1, batch, *data).
 
@@ -81,7 +87,7 @@ def _norm(a: Array) -> np.ndarray:
     return np.linalg.norm(a.reshape(a.shape[0], a.shape[1], -1), axis=-1)
 
 
-def score_deviation(sde: LinearSDE, learned_fn: Callable, data: Array, u_init: Array, *, method: str,
+def score_deviation(sde: LinearSDE | ModalSDE, learned_fn: Callable, data: Array, u_init: Array, *, method: str,
                     nfe: int | None = None, output: str = "eps", K: str | SquareRoot = "R", chunk: int = 1024,
                     **sample_kwargs: Any) -> dict[str, Any]:
     """Learned versus optimal sampling from the same ``u_init``: the four distances of the module docstring.

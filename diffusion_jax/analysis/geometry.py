@@ -12,6 +12,14 @@ probability-flow ODE in (xhat, sigma) is the VE/EDM ODE dxhat/dsigma = (xhat - D
 m_t = 1, so xhat = u = x. :func:`edm_view` returns that view (for k >= 2 it is the rescaled data coordinate,
 a useful picture but not a state of that ODE).
 
+Modal families (e.g. blurring diffusion, k = 1, state in pixel space) have a mean coefficient a_f(t) per mode
+f of an orthogonal basis V: u = V (a(t) * V^T x_0) + sigma_t z. The trajectories and every metric below are
+taken in pixel space, as for any other family. The scalar m_t of :func:`reference_mean_coefficient` (used by
+:func:`edm_view`) is then, by definition, that of the first mode, the unblurred (zero-frequency) one, the same
+mode :func:`samplers.grids.noise_level` reports sigma(t) for: xhat = u / a_0(t) puts the image mean on the data
+scale, and the other modes are additionally damped by a_f / a_0 <= 1 (blurred), so only the zero-frequency
+component of xhat follows the VE ODE.
+
 Geometry of one trajectory x_0, ..., x_N (each point flattened to a vector in R^P):
 
 * chord deviation   dev_i = || (x_i - x_0) - ((x_i - x_0) . e) e ||,  e = (x_N - x_0) / ||x_N - x_0||:
@@ -36,13 +44,14 @@ import numpy as np
 
 from diffusion_jax.samplers.grids import noise_level
 from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.modal import ModalSDE
 
 Array = Any
 
 __all__ = [
-    "sampling_trajectory", "denoising_trajectory", "edm_view", "flatten_trajectory", "chord_deviation",
-    "distance_to_end", "step_cosines", "turning_angles", "menger_curvature", "second_derivative_norm",
-    "trajectory_geometry",
+    "sampling_trajectory", "denoising_trajectory", "edm_view", "reference_mean_coefficient", "flatten_trajectory",
+    "chord_deviation", "distance_to_end", "step_cosines", "turning_angles", "menger_curvature",
+    "second_derivative_norm", "trajectory_geometry",
 ]
 
 
@@ -77,17 +86,29 @@ def denoising_trajectory(info: dict) -> tuple[np.ndarray, np.ndarray]:
     return ts, den
 
 
-def edm_view(sde: LinearSDE, ts: Array, x: Array) -> tuple[np.ndarray, np.ndarray]:
-    """(sigma(t), x / m_t[0]): the noise level and the rescaled data coordinate at each time.
+def reference_mean_coefficient(sde: LinearSDE | ModalSDE, t: float) -> float:
+    """The scalar m_t of the data coordinate, Phi(t, 0)[x, x] (float64).
 
-    ``x`` has the time axis first (length len(ts)). For k = 1 this is the state of the VE/EDM ODE
-    dxhat/dsigma = (xhat - D) / sigma (for VE, m_t = 1 and xhat = x); see the module docstring.
+    Pixel-shared families: the one coefficient of every data dimension. Modal families: that of the first mode,
+    the unblurred (zero-frequency) one, whose sigma(t) :func:`samplers.grids.noise_level` also reports.
+    """
+    k = sde.order
+    # (k, k) or (*modes, k, k): the first matrix is the pixel-shared one or the first mode's
+    return float(np.asarray(sde.transition_np(0.0, float(t))).reshape(-1, k, k)[0, 0, 0])
+
+
+def edm_view(sde: LinearSDE | ModalSDE, ts: Array, x: Array) -> tuple[np.ndarray, np.ndarray]:
+    """(sigma(t), x / m_t): the noise level and the rescaled data coordinate at each time.
+
+    ``x`` has the time axis first (length len(ts)); m_t is :func:`reference_mean_coefficient`. For k = 1 this
+    is the state of the VE/EDM ODE dxhat/dsigma = (xhat - D) / sigma (for VE, m_t = 1 and xhat = x); for a
+    modal family only its zero-frequency component is (module docstring).
     """
     ts = np.asarray(ts, np.float64)
     x = np.asarray(x, np.float64)
     if x.shape[0] != ts.shape[0]:
         raise ValueError(f"x has {x.shape[0]} time points, ts has {ts.shape[0]}")
-    m = np.array([sde.transition_np(0.0, float(t))[0, 0] for t in ts])
+    m = np.array([reference_mean_coefficient(sde, t) for t in ts])
     return noise_level(sde, ts), x / m.reshape((-1,) + (1,) * (x.ndim - 1))
 
 

@@ -20,6 +20,13 @@ k = 1 (VP too) has the same ODE in the rescaled coordinate xhat = u / m_t with s
 schedule's geometric s(t), and m_t = 1). :func:`euler_mean_shift_identity` evaluates both sides, the
 left one with the library's :func:`exact.empirical_denoiser`, the right one with :func:`mean_shift_step`.
 
+The view needs one scalar law for every data dimension. A modal family (blurring diffusion: mean coefficient
+a_f(t) per mode f of an orthogonal basis V) has none: its optimal denoiser weighs mode f of the data with its
+own bandwidth sigma_f(t) = s_f(t) / a_f(t) (exact.py, "Modal families"), an anisotropic kernel in mode
+coordinates rather than one Gaussian of bandwidth sigma, and no rescaling of u turns its PF-ODE into the VE
+ODE. :func:`euler_mean_shift_identity` rejects such a family up front; its trajectories are analysed by
+:mod:`.geometry` and :func:`.deviation.score_deviation` (with :func:`exact.empirical_denoiser`).
+
 Numerics: weights are formed as exp(-(d_n - d_min) / (2 h^2)) with squared distances taken from explicit
 differences (not |x|^2 - 2 x.y + |y|^2, which cancels when x is near a data point at small h), and the data
 are streamed in chunks with an online softmax, so memory is O(batch * chunk * d).
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +43,15 @@ import numpy as np
 from jax import lax
 
 from diffusion_jax import exact
+from diffusion_jax.analysis.geometry import reference_mean_coefficient
 from diffusion_jax.samplers.grids import noise_level
 from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.modal import ModalSDE
 
 Array = Any
 
 __all__ = ["kernel_weighted_mean", "mean_shift_step", "gaussian_kde_logpdf", "annealed_mean_shift",
-           "euler_mean_shift_identity"]
+           "euler_mean_shift_identity", "check_scalar_law"]
 
 
 def kernel_weighted_mean(data: Array, x: Array, log_ratio: Callable[[Array, Array], Array],
@@ -144,6 +153,29 @@ def _empirical_batch(sde: LinearSDE, data: Array, u: Array, t: Array, chunk: int
     return jax.vmap(lambda uu: exact.empirical_denoiser(sde, data, uu, t, chunk))(u)
 
 
+def check_scalar_law(sde: LinearSDE | ModalSDE, ts: float | Sequence[float] = ()) -> None:
+    r"""Raise a ValueError unless every data dimension has the same scalar law N(m_t x_0, s_t^2) (k = 1).
+
+    Checked on the host (nothing is compiled) at the times ``ts`` and at T, where a per-mode decay such as
+    blurring is largest (at t -> 0 every a_f(t) -> 1, so small times alone would not reveal it).
+    """
+    if sde.order != 1:
+        raise ValueError(f"{sde.name}: the mean-shift view holds for scalar (k = 1) families; "
+                         f"this one has k = {sde.order}")
+    for t in tuple(float(v) for v in np.atleast_1d(ts)) + (sde.T,):
+        m = np.asarray(sde.transition_np(0.0, t), np.float64).ravel()      # one entry per mode (1 if shared)
+        var = np.asarray(sde.covariance_np(t), np.float64).ravel()
+        for what, v in (("mean coefficient", m), ("variance", var)):
+            if np.ptp(v) > 1e-9 * np.max(np.abs(v)):
+                raise ValueError(
+                    f"{sde.name}: the mean-shift view needs one scalar law for every data dimension (k = 1 and "
+                    f"the same mean coefficient and variance in every mode), but this family's {what} differs "
+                    f"across its {v.size} modes (at t = {t:.3g}: {v.min():.3g} to {v.max():.3g}), so its "
+                    f"optimal denoiser is a per-mode (anisotropic) kernel, not a Gaussian mean-shift step. "
+                    f"Use analysis.score_deviation / exact.empirical_denoiser and the trajectory geometry "
+                    f"(analysis.trajectory_geometry) instead.")
+
+
 def euler_mean_shift_identity(sde: LinearSDE, data: Array, x: Array, t: float, t_next: float,
                               chunk: int = 256) -> dict[str, Array]:
     r"""Both sides of the Euler step / mean-shift identity for a k = 1 family, in xhat = u / m_t.
@@ -157,15 +189,16 @@ def euler_mean_shift_identity(sde: LinearSDE, data: Array, x: Array, t: float, t
 
     Also returned: ``denoiser`` D*, ``mean_shift`` m_sigma(xhat), ``sigma``, ``sigma_next`` and ``m_next``
     (the state at t_next is u' = m_next * xhat').
+
+    Families with k >= 2 and modal families (a mean coefficient per mode, e.g. blurring) raise a ValueError
+    before anything is compiled (:func:`check_scalar_law`).
     """
-    if sde.order != 1:
-        raise ValueError(f"{sde.name}: the mean-shift identity holds for scalar (k = 1) families; "
-                         f"this one has k = {sde.order}")
     if not (0 < t_next < t <= sde.T):
         raise ValueError(f"need 0 < t_next < t <= T, got t={t}, t_next={t_next}")
+    check_scalar_law(sde, (t, t_next))
     sig, sig_next = (float(v) for v in noise_level(sde, np.array([t, t_next])))
-    m_t = float(sde.transition_np(0.0, t)[0, 0])
-    m_next = float(sde.transition_np(0.0, t_next)[0, 0])
+    m_t = reference_mean_coefficient(sde, t)
+    m_next = reference_mean_coefficient(sde, t_next)
     x = jnp.asarray(x)
     data = jnp.asarray(data)
     u = (m_t * x)[..., None]                                                   # (M, d, 1)

@@ -15,7 +15,8 @@ What is measured (all from :mod:`.geometry` and :mod:`.deviation`):
 * score deviation: the four distances of :func:`deviation.score_deviation` (sampling, denoising, learned-path
   and optimal-path deviation) at each grid time, averaged over the batch, then over the grid times of two
   noise regions. **Split rule**: a grid time is *large-noise* when its noise level sigma(t) =
-  sqrt(Sigma_t[x, x]) / m_t[x] exceeds sigma_data, the standard deviation of the training set (all
+  sqrt(Sigma_t[x, x]) / m_t[x] (for a modal family, that of its unblurred zero-frequency mode,
+  :func:`samplers.grids.noise_level`) exceeds sigma_data, the standard deviation of the training set (all
   coordinates pooled), and *small-noise* otherwise. A denoiser error delta is an eps error of about
   delta / sigma(t) (D = (u - K eps) / m), so the two deviations are also reported divided by sigma(t): the same
   error on the network's own scale. At large noise that removes the 1 / m_t amplification; as sigma -> 0 it
@@ -25,6 +26,11 @@ What is measured (all from :mod:`.geometry` and :mod:`.deviation`):
   samples, for the optimal samples (copies of training points: d_1 = 0) and for held-out data (the reference
   a model that generalises should match); plus the sliced Wasserstein distance of each sample set to
   held-out data.
+
+Families: every one, modal ones (blurring diffusion) included: trajectories, denoiser outputs and distances
+are in pixel space, and the optimal denoiser of a modal family weighs the training points with per-mode
+bandwidths (:func:`exact.empirical_denoiser`). The report has no mean-shift part (that view,
+:mod:`.meanshift`, holds only for one scalar law per data dimension and rejects modal families).
 
 Which training set: for image data the run's training split (first ``data_limit`` examples); for toy 2-D data,
 where the model sees a fresh stream of samples, the first ``data_limit`` points of that very stream
@@ -50,6 +56,7 @@ from diffusion_jax.data import to_image_space
 from diffusion_jax.param import SquareRoot
 from diffusion_jax.samplers import METHODS, STOCHASTIC, prior_init
 from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.modal import ModalSDE
 
 Array = Any
 
@@ -230,7 +237,7 @@ def _plot_image_samples(path: str, rows: dict[str, np.ndarray], n_cols: int = 16
     return path
 
 
-def _figures(out_dir: str, sde: LinearSDE, method: str, nfe: int, data_shape: tuple, train_data: np.ndarray,
+def _figures(out_dir: str, sde: LinearSDE | ModalSDE, method: str, nfe: int, data_shape: tuple, train_data: np.ndarray,
              res: dict, sigma: np.ndarray, sigma_data: float, nn: dict, samples_l: np.ndarray,
              samples_o: np.ndarray) -> list[str]:
     """All PNG figures of the report; returns their paths."""
@@ -262,7 +269,7 @@ def _figures(out_dir: str, sde: LinearSDE, method: str, nfe: int, data_shape: tu
 
 
 # ------------------------------------------------------------------ the report on arrays
-def analyze(sde: LinearSDE, learned_fn: Callable, train_data: Array, heldout: Array, out_dir: str, *,
+def analyze(sde: LinearSDE | ModalSDE, learned_fn: Callable, train_data: Array, heldout: Array, out_dir: str, *,
             output: str = "eps", K: str | SquareRoot = "R", n: int = 64, nfe: int | None = 50, method: str = "gddim",
             seed: int = 0, chunk: int = 1024, meta: dict | None = None,
             sampler_kwargs: dict | None = None, plots: bool = True) -> dict[str, Any]:
@@ -346,7 +353,9 @@ def analyze(sde: LinearSDE, learned_fn: Callable, train_data: Array, heldout: Ar
                       nfe_analysis=res["nfe_analysis"], n_train=int(len(train_data)), n_heldout=int(len(heldout)),
                       sampler_kwargs={k: v for k, v in kwargs.items() if k != "key"}, diverged=diverged),
         split=dict(rule="large-noise: sigma(t) > sigma_data; small-noise: sigma(t) <= sigma_data; "
-                        "sigma(t) = sqrt(Sigma_t[x,x]) / m_t[x], sigma_data = std of the training set "
+                        "sigma(t) = sqrt(Sigma_t[x,x]) / m_t[x]" + (" of the unblurred (zero-frequency) mode"
+                                                                    if sde.mode_ndim else "") +
+                        ", sigma_data = std of the training set "
                         "(all coordinates pooled); region value = mean over its grid times of the batch mean",
                    sigma_data=sigma_data, n_large=int(large.sum()), n_small=int((~large).sum())),
         score_deviation=regions,
