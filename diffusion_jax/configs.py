@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
         eval_split="test", image_size=0, random_flip=False, sigma_data=0.5))
     c.model = ml_collections.ConfigDict(dict(
         name="mlp", kwargs=ml_collections.ConfigDict({"hidden": 256, "depth": 3}), K="R",
-        mixed_score=False, dtype="float32"))
+        mixed_score=False, c_out=False, dtype="float32"))
     c.training = ml_collections.ConfigDict(dict(
         batch_size=256, num_steps=4000, objective="hsm", weighting="eps", t_eps=1e-5, log_every=100,
         ckpt_every=1000, keep=3, sample_every=0, async_checkpoints=True))
@@ -137,6 +137,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"image data ({c.data.dataset}) needs config.model.name='ddpmpp'")
     if c.model.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype must be one of {DTYPES}, got {c.model.dtype!r}")
+    if c.model.get("c_out", False) and not c.model.mixed_score:
+        raise ValueError("config.model.c_out=True scales the residual around the mixed score: "
+                         "also set config.model.mixed_score=True")
     if c.model.K not in ("R", "L"):
         raise ValueError(f"config.model.K must be 'R' (gDDIM) or 'L' (Cholesky), got {c.model.K!r}")
     if c.optim.optimizer not in OPTIMIZERS:

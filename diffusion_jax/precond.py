@@ -15,6 +15,13 @@ eps_ref = -K_t^T grad log N(u; 0, C_t) = K_t^T C_t^{-1} u. The network then only
 the data from a Gaussian; at t = T (where p_T is close to that Gaussian) an untrained network already
 matches the prior.
 
+**Scaled residual** (``c_out=True``, with the mixed score): under the Gaussian reference the target eps
+scatters around eps_ref with covariance I - K_t^T C_t^{-1} K_t, so the network's residual is multiplied
+by c_out = sqrt(diag(I - K^T C^{-1} K)) per coordinate (per mode for a modal family), EDM's c_out in eps
+units. Why: the denoiser implied by eps is D = (u - K eps) / m per mode, so an O(1) eps error in a mode
+with a tiny mean coefficient (a blurred frequency of bdm, a_f ~ d_min alpha_t) is an O(sigma_t / a_f) error
+in D, which exact integrators carry forward; with c_out it is at most sigma_data.
+
 State layout: u has shape (batch, *data, k). Image data (batch, H, W, C, k) is fed to the network as
 (batch, H, W, C k); flat data (batch, D, k) as (batch, D k). The output is reshaped back.
 """
@@ -34,13 +41,17 @@ class Preconditioner:
     """Maps a network ``net(x, c_noise, train, **kw)`` to eps(u, t) for a linear family."""
 
     def __init__(self, sde: LinearSDE, K: str | SquareRoot = "R", sigma_data: float = 0.5,
-                 mixed: bool = False):
+                 mixed: bool = False, c_out: bool = False):
         if not (sigma_data > 0):
             raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        if c_out and not mixed:
+            raise ValueError("c_out scales the residual around the mixed-score reference: set mixed=True "
+                             "(config.model.mixed_score=True) or c_out=False")
         self.sde = sde
         self.sqrt = K if isinstance(K, SquareRoot) else square_root(sde, K)
         self.sigma_data = float(sigma_data)
         self.mixed = bool(mixed)
+        self.scaled = bool(c_out)
 
     def _ref_cov(self, t: Array) -> Array:
         m = self.sde.mean_coefficient(t)
@@ -61,6 +72,17 @@ class Preconditioner:
         k_t = self.sqrt(t)
         return self.sde.apply(jnp.swapaxes(k_t, -1, -2) @ jnp.linalg.inv(self._ref_cov(t)), u)
 
+    def c_out(self, t: Array) -> Array:
+        """sqrt(diag(I - K^T C^{-1} K)), shape (*t.shape, [*modes,] k): the reference posterior std of eps.
+
+        With w = K^{-1} m, C = K (I + sigma_data^2 w w^T) K^T, so I - K^T C^{-1} K = sigma_data^2 w w^T /
+        (1 + sigma_data^2 |w|^2) (Sherman-Morrison): c_out,i = sigma_data |w_i| / sqrt(1 + sigma_data^2 |w|^2),
+        free of the cancellation in 1 - diag(...) when c_out is small.
+        """
+        w = jnp.linalg.solve(self.sqrt(t), self.sde.mean_coefficient(t)[..., None])[..., 0]
+        sd = self.sigma_data
+        return sd * jnp.abs(w) / jnp.sqrt(1.0 + sd * sd * jnp.sum(w * w, axis=-1, keepdims=True))
+
     @staticmethod
     def to_network(x: Array) -> Array:
         """(batch, *data, k) -> (batch, H, W, C k) for images or (batch, D k) for flat data."""
@@ -75,6 +97,9 @@ class Preconditioner:
         scale = scale.reshape(scale.shape[:1] + (1,) * (u.ndim - 2) + scale.shape[1:])
         out = net(self.to_network(u * scale), self.c_noise(t), **net_kwargs)
         out = out.astype(u.dtype).reshape(u.shape)
+        if self.scaled:
+            c = self.c_out(t)
+            out = self.sde.apply(c[..., :, None] * jnp.eye(c.shape[-1], dtype=c.dtype), out)
         if self.mixed:
             out = out + self.eps_ref(u, t)
         return out

@@ -234,3 +234,29 @@ def test_tiny_digits_bdm_run_trains_samples_and_benchmarks(tmp_path):
     values = {(r["sampler"], int(r["nfe_budget"])): float(r["value"]) for r in rows}
     assert {("gddim", 3), ("gddim", 6), ("euler", 3), ("euler", 6)} <= set(values)
     assert all(np.isfinite(v) and v > 0 for v in values.values())
+
+
+def test_scaled_residual_is_the_reference_posterior_std():
+    """c_out^2 = diag(I - K^T C^{-1} K): closed form per mode for bdm, float64 matrices for CLD."""
+    sde = sdes.make("bdm", **KW)
+    pre = Preconditioner(sde, "R", sigma_data=0.5, mixed=True, c_out=True)
+    for t in (1e-3, 0.3, 1.0):
+        a, s = ref_law(t)
+        ref = 0.5 * a / np.sqrt(0.25 * a * a + s * s)
+        got = np.asarray(pre.c_out(jnp.asarray(t)))[..., 0]
+        assert np.abs(got / ref - 1).max() < 1e-4, t
+    cld = sdes.make("cld")
+    pre = Preconditioner(cld, "R", sigma_data=0.5, mixed=True, c_out=True)
+    sqrt = param.square_root(cld, "R")
+    for t in (1e-2, 0.3, 1.0):
+        k = sqrt.np(t)
+        m = cld.transition_np(0.0, t)[:, 0]
+        c = 0.25 * np.outer(m, m) + cld.covariance_np(t)
+        ref = np.sqrt(np.diag(np.eye(2) - k.T @ np.linalg.solve(c, k)))
+        assert np.allclose(np.asarray(pre.c_out(jnp.asarray(t))), ref, rtol=2e-3, atol=1e-6), t
+    with pytest.raises(ValueError, match="mixed=True"):
+        Preconditioner(cld, "R", mixed=False, c_out=True)
+    c = configs.digits("bdm", shape=(8, 8, 1))
+    c.model.c_out = True
+    with pytest.raises(ValueError, match="mixed_score=True"):
+        configs.validate(c)
