@@ -570,16 +570,6 @@ def bdm_states(mix, t, shape, n=6, seed=1):
     return np.asarray(out, np.float32)[..., None]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def j_bdm(sde, mix, us, t, kmat):
-    def one(u):
-        logp, grad = jax.value_and_grad(lambda v: exact.mixture_log_density(sde, mix, v, t))(u)
-        return dict(score=exact.mixture_score(sde, mix, u, t), den=exact.mixture_denoiser(sde, mix, u, t),
-                    logp=logp, grad=grad, eps=exact.mixture_eps(sde, mix, u, t),
-                    eps_k=exact.mixture_eps(sde, mix, u, t, kmat))
-    return jax.vmap(one)(us)
-
-
 def test_bdm_reference_matches_scipy_and_finite_differences():
     """The float64 reference itself: scipy's logpdf, central differences, and M_t = V diag(a) V^T as the
     identity at t = 0 and as a low-pass (only the flat image keeps its size, up to cos(phi_T t))."""
@@ -625,7 +615,7 @@ def test_bdm_mixture_matches_float64_pixel_space(shape):
         mix = make_mixture(case, d=d)
         for t in BDM_TIMES:
             us = bdm_states(mix, t, shape)
-            out = j_bdm(sde, mix, jnp.asarray(us), jnp.asarray(t, jnp.float32), k_r(jnp.asarray(t, jnp.float32)))
+            out = j_mixture(sde, mix, jnp.asarray(us), jnp.asarray(t, jnp.float32), k_r(jnp.asarray(t, jnp.float32)))
             out = {key: np.asarray(v, np.float64) for key, v in out.items()}
             s_t = math.sqrt(bdm_law64(shape, t)[1])
             for j, u in enumerate(us[..., 0].astype(np.float64)):
@@ -635,7 +625,7 @@ def test_bdm_mixture_matches_float64_pixel_space(shape):
                 ratios = dict(score=np.linalg.norm(out["score"][j, :, 0] - ref) / tol,
                               grad=np.linalg.norm(out["grad"][j, :, 0] - ref) / tol,
                               # eps = -K^T score = -sigma_t score (K = L = R = sigma_t for every mode)
-                              eps=np.linalg.norm(out["eps"][j, :, 0] + s_t * ref) / (s_t * tol),
+                              eps=np.linalg.norm(out["eps_l"][j, :, 0] + s_t * ref) / (s_t * tol),
                               eps_k=np.linalg.norm(out["eps_k"][j, :, 0] + s_t * ref) / (s_t * tol),
                               logp=abs(out["logp"][j] - r["logp"]) / (1e-5 * (abs(r["logp"]) + d)),
                               den=np.abs(out["den"][j] - r["den"]).max() / (1e-5 + r["den_floor"]))

@@ -67,7 +67,26 @@ def apply_matrix(m: Array, u: Array) -> Array:
     return jnp.einsum("...ij,...j->...i", m, u)
 
 
-class LinearSDE:
+class TimeDomain:
+    """The time checks every family shares (needs ``name`` and ``T``)."""
+
+    name: str
+    T: float
+
+    def _check_t(self, t: Any, what: str = "t") -> None:
+        if _is_concrete(t):
+            arr = np.asarray(t, dtype=np.float64)
+            if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > self.T * (1 + 1e-6)):
+                raise ValueError(
+                    f"{self.name}: {what} must lie in [0, T={self.T}], got values in "
+                    f"[{arr.min():.4g}, {arr.max():.4g}]")
+
+    @staticmethod
+    def _float(t):
+        return jnp.asarray(t, dtype=jnp.result_type(float))
+
+
+class LinearSDE(TimeDomain):
     """A linear phase-space diffusion family: data (A, Q, beta schedule, Sigma_0, T, t_min).
 
     The state layout is ``(..., *data_shape, k)``: the phase-space coordinate is the last axis and the
@@ -217,19 +236,6 @@ class LinearSDE:
         tab = self._l_tab if dtype is None else xp.asarray(self._l_tab, dtype)
         kmat = xp.concatenate([self._taylor(x, p, xp) @ tab[idx], self._noise_root(x, xp, dtype)], axis=1)
         return _tri_factor(kmat, xp)
-
-    # ------------------------------------------------------------------ validation
-    def _check_t(self, t: Any, what: str = "t") -> None:
-        if _is_concrete(t):
-            arr = np.asarray(t, dtype=np.float64)
-            if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > self.T * (1 + 1e-6)):
-                raise ValueError(
-                    f"{self.name}: {what} must lie in [0, T={self.T}], got values in "
-                    f"[{arr.min():.4g}, {arr.max():.4g}]")
-
-    @staticmethod
-    def _float(t):
-        return jnp.asarray(t, dtype=jnp.result_type(float))
 
     # ------------------------------------------------------------------ public API (JAX)
     def beta(self, t: Array) -> Array:

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.sdes.linear import TimeDomain
+
 Array = Any
 
 
@@ -92,11 +94,7 @@ class ModeLaw(Protocol):
     def dvariance(self, t: Array, xp) -> Array: ...
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-class ModalSDE:
+class ModalSDE(TimeDomain):
     """A linear diffusion diagonal in an orthogonal basis: per-mode scalar SDEs (k = 1), state in pixel space.
 
     Same public interface as :class:`~diffusion_jax.sdes.linear.LinearSDE`; per-mode matrices carry the
@@ -167,22 +165,6 @@ class ModalSDE:
     def mode_mean(self, x: Array) -> Array:
         """Average over the mode axes of per-mode vectors (*t, *modes, k) -> (*t, k)."""
         return jnp.mean(x, axis=tuple(range(x.ndim - 1 - self.mode_ndim, x.ndim - 1)))
-
-    def data_size(self, data_shape: tuple[int, ...]) -> int:
-        return int(np.prod(data_shape, dtype=np.int64))
-
-    # ------------------------------------------------------------------ validation
-    def _check_t(self, t: Any, what: str = "t") -> None:
-        if _is_concrete(t):
-            arr = np.asarray(t, dtype=np.float64)
-            if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > self.T * (1 + 1e-6)):
-                raise ValueError(
-                    f"{self.name}: {what} must lie in [0, T={self.T}], got values in "
-                    f"[{arr.min():.4g}, {arr.max():.4g}]")
-
-    @staticmethod
-    def _float(t):
-        return jnp.asarray(t, dtype=jnp.result_type(float))
 
     # ------------------------------------------------------------------ per-mode scalars (xp = np or jnp)
     def _noise(self, t, xp):
