@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m diffusion_jax.demo --out $(DEMO_OUT)
+	JAX_PLATFORMS=cpu $(PY) -m diffusion_jax demo --out $(DEMO_OUT)
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 tests

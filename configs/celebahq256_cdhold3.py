@@ -1,5 +1,5 @@
 """CelebA-HQ 256, CD-HOLD n=3, DDPM++ 256 layout."""
-from diffusion_jax.configs import celebahq256
+from diffusion_jax.training.configs import celebahq256
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """CIFAR-10, blurring diffusion (Hoogeboom & Salimans' sigma_blur_max = 20, d_min = 0.001), DDPM++,
 mixed score with the scaled residual (c_out; see configs/digits_bdm.py for why)."""
-from diffusion_jax.configs import cifar10
+from diffusion_jax.training.configs import cifar10
 
 
 def get_config():

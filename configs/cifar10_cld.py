@@ -1,5 +1,5 @@
 """CIFAR-10, cld, DDPM++ (cont.) at paper scale."""
-from diffusion_jax.configs import cifar10
+from diffusion_jax.training.configs import cifar10
 
 
 def get_config():

@@ -4,7 +4,7 @@ Mixed score with the scaled residual (c_out): with plain eps prediction the deno
 modes is divided by a_f ~ d_min alpha_t and gDDIM at NFE 10 scored fd-pixels 5.39 instead of 0.147
 (measured, see the README's bdm section).
 """
-from diffusion_jax.configs import digits
+from diffusion_jax.training.configs import digits
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """scikit-learn 8x8 digits (embedded, offline), cld, small DDPM++."""
-from diffusion_jax.configs import digits
+from diffusion_jax.training.configs import digits
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """Toy 2-D checkerboard, cdhold3."""
-from diffusion_jax.configs import toy2d
+from diffusion_jax.training.configs import toy2d
 
 
 def get_config():

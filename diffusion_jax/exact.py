@@ -78,7 +78,7 @@ hence a pytree that can be traced).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -454,3 +454,16 @@ def empirical_score(sde, data: Array, u: Array, t: Array, chunk: int = 1024) -> 
     den_w = _group(_modes(sde, den[:, None]), n_grp)                              # (G, 1, c)
     r = solve_triangular(chol, _group(w, n_grp) - m[..., None] * den_w, lower=True)
     return _pixels(sde, -_ungroup(solve_triangular(chol, r, lower=True, trans="T")))
+
+def exact_eps_fn(sde, mix: GaussianMixture) -> Callable[[Array, Array], Array]:
+    """fn(u, t) -> eps w.r.t. R_t of the exact mixture score (u: (batch, *data, k), t: (batch,)).
+
+    The network-free model of the exact-score benchmarks: every sampler run on it is an ODE/SDE solve
+    with the true score, so its error against a reference solve is the sampler's own error.
+    """
+    from diffusion_jax.param.roots import square_root   # param imports the core too: keep exact light
+    sqrt = square_root(sde, "R")
+
+    def fn(u, t):
+        return jax.vmap(lambda uu, tt: mixture_eps(sde, mix, uu, tt, sqrt(tt)))(u, t)
+    return fn

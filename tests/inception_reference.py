@@ -1,6 +1,6 @@
 """Plain-numpy forward pass of pytorch-fid's FID Inception-v3, for testing the Flax port.
 
-Written independently of ``diffusion_jax.metrics.inception``: it consumes the *torch* state dict
+Written independently of ``diffusion_jax.evaluation.inception``: it consumes the *torch* state dict
 (names as in pytorch-fid, conv weights OIHW, activations NCHW) and follows torchvision's
 ``Inception3`` with pytorch-fid's patched blocks, op by op, in float64:
 

@@ -13,8 +13,10 @@ import pytest
 import scipy.fft as sf
 from scipy.integrate import solve_ivp
 
-from diffusion_jax import bench_nfe, configs, losses, param, sdes
-from diffusion_jax.precond import Preconditioner
+from diffusion_jax import param, sdes
+from diffusion_jax.apps import bench_nfe
+from diffusion_jax.training import configs, losses
+from diffusion_jax.param.precond import Preconditioner
 from diffusion_jax.samplers import prior_init, sample
 from diffusion_jax.training import build_experiment, train
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import bench_nfe, bpd, configs
+from diffusion_jax.apps import bench_nfe, bpd
+from diffusion_jax.training import configs
 from diffusion_jax.__main__ import main as cli_main
 from diffusion_jax.training import Experiment, build_experiment, sample_data, train
 

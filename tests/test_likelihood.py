@@ -24,7 +24,7 @@ import pytest
 from scipy.stats import norm
 
 from diffusion_jax import exact
-from diffusion_jax import likelihood as lk
+from diffusion_jax.evaluation import likelihood as lk
 from diffusion_jax.sdes import families
 
 MU = np.array([0.5, -0.3])

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import exact, losses
+from diffusion_jax import exact
+from diffusion_jax.training import losses
 from diffusion_jax.param import square_root
 from diffusion_jax.sdes import families
-from diffusion_jax.losses import conditional_sde
+from diffusion_jax.training.losses import conditional_sde
 
 MU, VAR, DIM, N = 0.3, 0.25, 4, 12000
 

@@ -1,4 +1,4 @@
-"""Tests of diffusion_jax.metrics: Frechet distance, KID, the FID Inception port and its weight I/O.
+"""Tests of diffusion_jax.evaluation: Frechet distance, KID, the FID Inception port and its weight I/O.
 
 Every check compares against an independent computation: closed forms for the Frechet distance, a
 brute-force double loop for MMD, an architecture table written here from torchvision / pytorch-fid
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import inception_reference as ref
-from diffusion_jax.metrics import fid as fidlib
-from diffusion_jax.metrics import inception as inc
-from diffusion_jax.metrics import torch_pickle
-from diffusion_jax.metrics.features import PIXELS, frechet_distance_in, kid_in
+from diffusion_jax.evaluation import fid as fidlib
+from diffusion_jax.evaluation import inception as inc
+from diffusion_jax.evaluation import torch_pickle
+from diffusion_jax.evaluation.features import PIXELS, frechet_distance_in, kid_in
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -498,7 +498,7 @@ def test_sharded_features_and_grayscale_in_subprocess(tmp_path):
         os.environ["JAX_PLATFORMS"] = "cpu"
         import jax, numpy as np
         from jax.sharding import AxisType
-        from diffusion_jax.metrics import inception as inc
+        from diffusion_jax.evaluation import inception as inc
         assert jax.device_count() == 2
         v = inc.load_inception_weights({npz!r}, verify_checksum=False)
         gray = np.random.default_rng(0).integers(0, 256, size=(3, 12, 12, 1)).astype(np.uint8)

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import configs, sdes
+from diffusion_jax import sdes
+from diffusion_jax.training import configs
 from diffusion_jax.analysis import report
 from diffusion_jax.analysis.deviation import empirical_denoiser_fn
 

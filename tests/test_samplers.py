@@ -6,7 +6,7 @@ import pytest
 from scipy.integrate import solve_ivp
 
 from diffusion_jax import exact, sdes
-from diffusion_jax.bench_solvers import exact_eps_fn
+from diffusion_jax.exact import exact_eps_fn
 from diffusion_jax.samplers import prior_init, sample, time_grid
 
 X_STAR = 0.7

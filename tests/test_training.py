@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import configs
-from diffusion_jax.bench_solvers import sliced_wasserstein
-from diffusion_jax.bench_toy import gaussian_fit_samples
+from diffusion_jax.training import configs
+from diffusion_jax.evaluation.distances import sliced_wasserstein
+from diffusion_jax.evaluation.distances import gaussian_fit_samples
 from diffusion_jax.data import load_split
 from diffusion_jax.training import load_run, sample_data, train
 from diffusion_jax.training.checkpoint import Checkpointer

@@ -39,12 +39,11 @@ where the model sees a fresh stream of samples, the first ``data_limit`` points 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -60,7 +59,7 @@ from diffusion_jax.sdes.modal import ModalSDE
 
 Array = Any
 
-__all__ = ["run", "analyze", "main", "DISTANCES", "RATIO_THRESHOLD"]
+__all__ = ["run", "analyze", "DISTANCES", "RATIO_THRESHOLD"]
 
 # the distances of deviation.score_deviation summarised by region, in report order
 DISTANCES = ("sampling", "denoising", "learned_deviation", "optimal_deviation", "state_distance")
@@ -138,7 +137,7 @@ def _nn_summary(nn: dict[str, np.ndarray]) -> dict[str, float]:
 
 def _sliced_w2(a: np.ndarray, b: np.ndarray, n_proj: int = 256, seed: int = 0) -> float:
     """Sliced 2-Wasserstein distance between two equal-size point clouds (exact 1-D transport per direction)."""
-    from diffusion_jax.bench_solvers import sliced_wasserstein
+    from diffusion_jax.evaluation.distances import sliced_wasserstein
     m = min(len(a), len(b))
     return sliced_wasserstein(a[:m].reshape(m, -1), b[:m].reshape(m, -1), n_proj, seed)
 
@@ -490,35 +489,3 @@ def run(workdir: str, out_dir: str, *, n: int = 64, nfe: int = 50, method: str =
                 dataset=config.data.dataset + (f"/{config.data.toy_name}" if config.data.dataset == "toy2d" else ""))
     return analyze(exp.sde, exp.eps_fn(params), train_data, heldout, out_dir, output="eps", K=exp.sqrt, n=n,
                    nfe=nfe, method=method, seed=seed, chunk=chunk, meta=meta, sampler_kwargs=sampler_kwargs)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m diffusion_jax analyze --workdir DIR [--out DIR] [--n 64] [--nfe 50] [--method gddim] ...``."""
-    parser = argparse.ArgumentParser(prog="python -m diffusion_jax analyze",
-                                     description="learned vs optimal sampling report for a trained run")
-    parser.add_argument("--workdir", required=True, help="a trained run (checkpoints/ and config.json)")
-    parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/analysis)")
-    parser.add_argument("--n", type=int, default=64, help="number of trajectories")
-    parser.add_argument("--nfe", type=int, default=50, help="function evaluations per sampling run")
-    parser.add_argument("--method", default="gddim", choices=METHODS,
-                        help="sampler (explicit diffrax solvers such as heun can diverge at small t for k >= 2)")
-    parser.add_argument("--order", type=int, default=None, help="gddim multistep order")
-    parser.add_argument("--grid", default=None, help="time grid (uniform, quadratic, logsnr, edm)")
-    parser.add_argument("--ema", default=None, help="EMA rate to analyse, or 'raw' (default: slowest EMA)")
-    parser.add_argument("--data-limit", type=int, default=None, help="training points for the optimal denoiser")
-    parser.add_argument("--heldout-limit", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    extra = {k: v for k, v in (("order", args.order), ("grid", args.grid)) if v is not None}
-    out = args.out or os.path.join(args.workdir, "analysis")
-    summary = run(args.workdir, out, n=args.n, nfe=args.nfe, method=args.method, ema=args.ema,
-                  data_limit=args.data_limit, heldout_limit=args.heldout_limit, seed=args.seed, **extra)
-    with open(os.path.join(out, "summary.md")) as f:
-        print(f.read())
-    print(f"report written to {out} ({summary['seconds']:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main())

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from diffusion_jax import configs
+from diffusion_jax.training import configs
 from diffusion_jax.data import data_shape as data_shape_of, make_iterator, to_image_space
 from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
 from diffusion_jax.training.sampling import sample_data, save_samples

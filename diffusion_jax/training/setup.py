@@ -10,10 +10,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import configs
+from diffusion_jax.training import configs
 from diffusion_jax.models import get_model
 from diffusion_jax.param import SquareRoot, square_root
-from diffusion_jax.precond import Preconditioner, network_channels
+from diffusion_jax.param.precond import Preconditioner, network_channels
 from diffusion_jax.sdes import families
 from diffusion_jax.sdes.linear import LinearSDE
 from diffusion_jax.training.state import make_optimizer

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from diffusion_jax.losses import check_loss_options, score_matching_loss
+from diffusion_jax.training.losses import check_loss_options, score_matching_loss
 from diffusion_jax.training.setup import Experiment, shardings
 from diffusion_jax.training.state import TrainState
 

@@ -39,7 +39,7 @@ numpy implementation of torch's formula, for up- and downsampling.
 Weights
 -------
 Nothing is downloaded at run time. ``load_inception_weights`` reads the original ``.pth`` (without
-torch, through :mod:`diffusion_jax.metrics.torch_pickle`, after checking the sha256 prefix
+torch, through :mod:`diffusion_jax.evaluation.torch_pickle`, after checking the sha256 prefix
 ``6726825d``) or a ``.npz`` written by :func:`convert_weights`. The mapping between the two layouts is
 one-to-one: conv ``weight`` OIHW <-> ``kernel`` HWIO, ``fc.weight`` (out, in) <-> ``kernel`` (in, out),
 ``bn.weight/bias`` <-> ``scale/bias``, ``bn.running_mean/var`` <-> ``batch_stats`` ``mean/var``;
@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax.metrics import torch_pickle
+from diffusion_jax.evaluation import torch_pickle
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -426,7 +426,7 @@ def _missing_weights_message(path: Optional[str]) -> str:
             f"{FID_WEIGHTS_FILENAME} (sha256 prefix {FID_WEIGHTS_SHA256_PREFIX}), published at "
             f"{FID_WEIGHTS_URL} . Nothing is downloaded at run time: fetch it on a machine with "
             f"internet access, then pass its path (or a .npz made by "
-            f"diffusion_jax.metrics.convert_weights) or set {FID_WEIGHTS_ENV}=/path/to/{FID_WEIGHTS_FILENAME}.")
+            f"diffusion_jax.evaluation.convert_weights) or set {FID_WEIGHTS_ENV}=/path/to/{FID_WEIGHTS_FILENAME}.")
 
 
 def resolve_weights_path(path: Optional[str] = None) -> str:

@@ -14,19 +14,15 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 
+from diffusion_jax.evaluation.distances import gaussian_fit_samples
+
 FAMILIES = ("vp", "cld", "cdhold3", "cdhold4", "psld")
 
-
-def gaussian_fit_samples(data: np.ndarray, n: int, seed: int = 2) -> np.ndarray:
-    """n samples of N(mean(data), cov(data))."""
-    rng = np.random.default_rng(seed)
-    return rng.multivariate_normal(data.mean(0), np.cov(data.T), size=n)
 
 
 def run(out: str = "bench_out/toy", steps: int = 2000, toy: str = "checkerboard",
@@ -35,8 +31,8 @@ def run(out: str = "bench_out/toy", steps: int = 2000, toy: str = "checkerboard"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffusion_jax import configs
-    from diffusion_jax.bench_solvers import sliced_wasserstein
+    from diffusion_jax.training import configs
+    from diffusion_jax.evaluation.distances import sliced_wasserstein
     from diffusion_jax.data import load_split
     from diffusion_jax.training import sample_data, train
     from diffusion_jax.training.state import pick_ema
@@ -87,7 +83,7 @@ def run(out: str = "bench_out/toy", steps: int = 2000, toy: str = "checkerboard"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffusion_jax.bench_toy")
+    p = argparse.ArgumentParser(prog="python -m diffusion_jax bench-toy")
     p.add_argument("--out", default="bench_out/toy")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--toy", default="checkerboard")
@@ -98,6 +94,3 @@ def main(argv: list[str] | None = None) -> int:
     run(a.out, a.steps, a.toy, tuple(a.families.split(",")))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

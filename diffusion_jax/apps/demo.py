@@ -10,21 +10,20 @@ Quality on digits is the Frechet distance between Gaussian fits in raw pixel spa
 floor. It is not FID (no Inception network is involved). Runs live in ``<out>/runs/<config>``; rerunning resumes or skips
 training that is already complete.
 
-    python -m diffusion_jax.demo --out demo_out [--digits-steps N] [--toy-steps N]
+    python -m diffusion_jax demo --out demo_out [--digits-steps N] [--toy-steps N]
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import os
-import sys
 import time
 
 import jax
 
 
 def _config(name: str, steps: int):
-    from diffusion_jax import configs
+    from diffusion_jax.training import configs
     if name == "toy":
         c = configs.toy2d("cld", "checkerboard")
         c.training.num_steps = steps
@@ -67,10 +66,10 @@ def _train(config, workdir: str) -> tuple[object, object, float]:
 
 def run(out: str = "demo_out", digits_steps: int = 1500, toy_steps: int = 1500, n_samples: int = 500,
         nfes: tuple[int, ...] = (10, 20, 50), methods: tuple[str, ...] = ("gddim", "sscs", "euler", "heun")) -> dict:
-    from diffusion_jax.bench_solvers import sliced_wasserstein
+    from diffusion_jax.evaluation.distances import sliced_wasserstein
     from diffusion_jax.data import load_split, to_image_space
-    from diffusion_jax.metrics.features import PIXELS, frechet_distance_in
-    from diffusion_jax.tour import run_tour
+    from diffusion_jax.evaluation.features import PIXELS, frechet_distance_in
+    from diffusion_jax.apps.tour import run_tour
     from diffusion_jax.training import sample_data, save_samples
     from diffusion_jax.training.state import pick_ema
 
@@ -140,7 +139,7 @@ def run(out: str = "demo_out", digits_steps: int = 1500, toy_steps: int = 1500, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffusion_jax.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m diffusion_jax demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="demo_out")
     p.add_argument("--digits-steps", type=int, default=1500)
     p.add_argument("--toy-steps", type=int, default=1500)
@@ -151,6 +150,3 @@ def main(argv: list[str] | None = None) -> int:
     run(a.out, a.digits_steps, a.toy_steps, a.n_samples)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
-from diffusion_jax.param import SquareRoot, square_root
+from diffusion_jax.param.roots import SquareRoot, square_root
 from diffusion_jax.sdes.linear import LinearSDE
 
 Array = Any

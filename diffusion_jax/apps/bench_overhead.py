@@ -56,3 +56,16 @@ def run(family: str = "cld", batch: int = 256, nfe: int = 50, net_batch: int = 8
           f"{per_nfe:.2f} s per NFE at batch {batch}")
     print(f"non-network share of a {nfe}-NFE sample: {t_trivial / (t_trivial + nfe * per_nfe):.2%}")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffusion_jax bench-overhead [--family cld] [--batch 256] [--nfe 50]``."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m diffusion_jax bench-overhead", description=__doc__.split("\n")[0])
+    p.add_argument("--family", default="cld")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--nfe", type=int, default=50)
+    p.add_argument("--net-batch", type=int, default=8, help="batch for timing the network forward")
+    a = p.parse_args(argv)
+    run(a.family, a.batch, a.nfe, a.net_batch)
+    return 0

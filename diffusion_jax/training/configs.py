@@ -119,6 +119,55 @@ def celebahq256(family: str, **family_params) -> ml_collections.ConfigDict:
     return c
 
 
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """The config of a file ``configs/<name>.py`` (its ``get_config()``) with ``--config.a.b=value`` overrides.
+
+    A value is read as a Python literal (``3``, ``0.5``, ``True``, ``'(1, 2)'``) and otherwise kept as a string;
+    the field must exist (a typo is an error naming the known fields), and the value must have its type (an
+    int may fill a float field). Validation (:func:`validate`) runs on the result.
+    """
+    import ast
+    import importlib.util
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} not found: pass --config configs/<name>.py")
+    spec = importlib.util.spec_from_file_location(f"_diffusion_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config()")
+    config = module.get_config()
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise ValueError(f"unrecognised argument {item!r}: overrides look like --config.training.batch_size=256")
+        key, text = item[len("--config."):].split("=", 1)
+        parent, name = config, key
+        if "." in key:
+            head, name = key.rsplit(".", 1)
+            for part in head.split("."):
+                if part not in parent:
+                    raise ValueError(f"--config.{key}: no field {part!r}; known: {sorted(parent.keys())}")
+                parent = parent[part]
+        if name not in parent:
+            raise ValueError(f"--config.{key}: no field {name!r}; known: {sorted(parent.keys())}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = {"true": True, "false": False}.get(text.lower(), text)
+        old = parent[name]
+        if isinstance(old, (tuple, list)) and not isinstance(value, (tuple, list)):
+            value = (value,)
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old is not None and not isinstance(value, type(old)) and not (
+                isinstance(old, (tuple, list)) and isinstance(value, (tuple, list))):
+            raise ValueError(f"--config.{key}={text}: expected a {type(old).__name__} like {old!r}")
+        parent[name] = tuple(value) if isinstance(old, tuple) else value
+    validate(config)
+    return config
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raise ``ValueError`` naming the fix for any bad field (before compiling or reading data)."""
     if c.family.name not in FAMILIES:
@@ -145,7 +194,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.optim.optimizer not in OPTIMIZERS:
         raise ValueError(f"config.optim.optimizer must be one of {OPTIMIZERS}, got {c.optim.optimizer!r}")
     t = c.training
-    from diffusion_jax.losses import OBJECTIVES, WEIGHTINGS
+    from diffusion_jax.training.losses import OBJECTIVES, WEIGHTINGS
     if t.objective not in OBJECTIVES:
         raise ValueError(f"unknown training objective {t.objective!r} (config.training.objective); "
                          f"choose one of {OBJECTIVES}")

@@ -7,16 +7,16 @@
   the verified weights).
 * :mod:`.torch_pickle` -- an allowlist reader for ``torch.save`` checkpoints that needs no torch.
 """
-from diffusion_jax.metrics.features import (PIXELS, FeatureSpace, frechet_distance_in, inception_feature_space,
+from diffusion_jax.evaluation.features import (PIXELS, FeatureSpace, frechet_distance_in, inception_feature_space,
                                             kid_in, pixel_features)
-from diffusion_jax.metrics.fid import (ReferenceStatistics, compute_reference_statistics, feature_statistics,
+from diffusion_jax.evaluation.fid import (ReferenceStatistics, compute_reference_statistics, feature_statistics,
                                        fid_from_features, frechet_distance, kid_from_features, load_statistics,
                                        mmd2_unbiased, polynomial_kernel, save_statistics)
-from diffusion_jax.metrics.inception import (FID_WEIGHTS_ENV, FID_WEIGHTS_FILENAME, FID_WEIGHTS_URL,
+from diffusion_jax.evaluation.inception import (FID_WEIGHTS_ENV, FID_WEIGHTS_FILENAME, FID_WEIGHTS_URL,
                                              FIDInceptionV3, convert_weights, flax_to_torch_state_dict,
                                              inception_features, load_inception_weights, torch_state_dict_spec,
                                              torch_state_dict_to_flax)
-from diffusion_jax.metrics.torch_pickle import UnsafeCheckpointError, load_torch_checkpoint, load_torch_state_dict
+from diffusion_jax.evaluation.torch_pickle import UnsafeCheckpointError, load_torch_checkpoint, load_torch_state_dict
 
 __all__ = [
     "PIXELS", "FeatureSpace", "frechet_distance_in", "inception_feature_space", "kid_in", "pixel_features",

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 
-from diffusion_jax.metrics.fid import (ReferenceStatistics, feature_statistics, frechet_distance,
+from diffusion_jax.evaluation.fid import (ReferenceStatistics, feature_statistics, frechet_distance,
                                        kid_from_features)
 
 
@@ -53,7 +53,7 @@ def inception_feature_space(weights_path: Optional[str] = None, *, variables: Op
     ``$DIFFUSION_JAX_FID_WEIGHTS`` and the metrics are named ``"FID"``/``"KID"``. Passing
     ``variables`` directly (e.g. random ones in tests) gives the ``"...-unverified"`` names.
     """
-    from diffusion_jax.metrics.inception import inception_features, load_inception_weights
+    from diffusion_jax.evaluation.inception import inception_features, load_inception_weights
 
     verified = variables is None
     if verified:

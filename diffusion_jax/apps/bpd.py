@@ -1,17 +1,17 @@
 r"""Bits per dimension of a trained run: ``python -m diffusion_jax bpd --workdir RUN``.
 
 For image data with ``levels`` grey levels (17 for digits, 256 for CIFAR-10) every example of the split is
-mapped back to its integers v, dequantised uniformly over its cell (:func:`diffusion_jax.likelihood.dequantize`,
+mapped back to its integers v, dequantised uniformly over its cell (:func:`diffusion_jax.evaluation.likelihood.dequantize`,
 the "grid" convention of the data pipeline: cell width Delta = 2 / (levels - 1) in model space), and its
-log-density under the run's probability-flow ODE is computed by :func:`diffusion_jax.likelihood.log_likelihood`
+log-density under the run's probability-flow ODE is computed by :func:`diffusion_jax.evaluation.likelihood.log_likelihood`
 (Dopri5, ``trace`` = Hutchinson with ``probes`` Rademacher probes or the exact divergence). Then
 
     bpd = -log p(x) / (D ln 2) - log2 Delta                         (D = H W C data dimensions)
 
-(:func:`diffusion_jax.likelihood.bits_per_dim`), an upper bound on the discrete bits/dim in expectation over the
+(:func:`diffusion_jax.evaluation.likelihood.bits_per_dim`), an upper bound on the discrete bits/dim in expectation over the
 dequantisation noise. For k = 1 families (vp, ve) log p is the model density of x_0 at ``t_eps``; for k >= 2
 families (cld, cdhold, psld, ...) it is one draw of the lower bound that marginalises the auxiliary
-coordinates with r(a | x_0) (``aux="forward"`` by default, see :mod:`diffusion_jax.likelihood`), so the
+coordinates with r(a | x_0) (``aux="forward"`` by default, see :mod:`diffusion_jax.evaluation.likelihood`), so the
 reported bits/dim is an upper bound on the model's bits/dim of the data coordinate. Toy 2-D data is
 continuous: no dequantisation, bpd = -log p / (D ln 2).
 
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.likelihood import AUX_LAWS, TRACES, bits_per_dim, dequantize, log_likelihood
+from diffusion_jax.evaluation.likelihood import AUX_LAWS, TRACES, bits_per_dim, dequantize, log_likelihood
 
 Array = Any
 
@@ -183,3 +183,27 @@ def run(workdir: str, n: int | None = 200, split: str | None = None, trace: str 
 
 
 __all__ = ["run", "bits_per_dim_of", "to_levels", "summarize", "bound_kind"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffusion_jax bpd --workdir RUN [--n 200] [--split test] ...``."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m diffusion_jax bpd", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--n", type=int, default=200, help="number of examples (0: the whole split)")
+    p.add_argument("--split", default=None, help="data split (default: config.data.eval_split, 'test')")
+    p.add_argument("--trace", default="hutchinson", choices=TRACES)
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per example")
+    p.add_argument("--t-eps", type=float, default=None, help="start time of the ODE (default: the family's t_min)")
+    p.add_argument("--aux", default="forward", choices=AUX_LAWS,
+                   help="auxiliary law r(a | x_0) of the bound for k >= 2 families")
+    p.add_argument("--ema", default=None, help="EMA rate to use (default: the largest in the run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rtol", type=float, default=1e-5)
+    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--out", default=None, help="JSON path (default RUN/bpd_<split>_n<N>_<trace>_seed<S>.json)")
+    a = p.parse_args(argv)
+    run(a.workdir, n=a.n or None, split=a.split, trace=a.trace, n_probes=a.probes, t_eps=a.t_eps, aux=a.aux,
+        ema=a.ema, seed=a.seed, batch=a.batch, rtol=a.rtol, atol=a.atol, out=a.out)
+    return 0

@@ -68,3 +68,12 @@ def run_tour(out_dir: str) -> dict:
     plt.close(fig)
     print(f"wrote {path}")
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffusion_jax tour [--out demo_out]``."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m diffusion_jax tour", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="demo_out", help="output folder for the PNG")
+    run_tour(p.parse_args(argv).out)
+    return 0

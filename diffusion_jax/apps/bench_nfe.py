@@ -5,7 +5,7 @@ For every sampler and every NFE budget the run's EMA network draws ``n_samples``
 data set's training split:
 
 * ``fd-pixels``: Frechet distance between Gaussian fits of the flattened pixels in [0, 1]
-  (:data:`diffusion_jax.metrics.PIXELS`); not FID, and not comparable with FID numbers;
+  (:data:`diffusion_jax.evaluation.PIXELS`); not FID, and not comparable with FID numbers;
 * ``kid-pixels``: KID (cubic polynomial kernel) on the same pixels, mean over random subsets;
 * ``fid``: the Frechet distance in the pool3 space of the FID Inception-v3, named "FID" only with the
   checksum-verified pytorch-fid weights (``--fid-weights`` or ``$DIFFUSION_JAX_FID_WEIGHTS``); without
@@ -217,7 +217,7 @@ class Metric:
 def feature_space(metric: str, fid_weights: str | None = None) -> Any:
     """The feature space of ``metric``; for ``"fid"`` this loads (and verifies) the Inception weights,
     raising FileNotFoundError naming ``pt_inception-2015-12-05-6726825d.pth`` when they are missing."""
-    from diffusion_jax.metrics import PIXELS, inception_feature_space
+    from diffusion_jax.evaluation import PIXELS, inception_feature_space
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
     if metric == "fid":
@@ -229,7 +229,7 @@ def build_metric(metric: str, space: Any, reference_images: Callable[[], np.ndar
                  kid_subset_size: int = 1000, kid_subsets: int = 100) -> Metric:
     """The metric with its reference cached at ``cache_path`` (statistics for Frechet distances, the
     features themselves for KID). ``reference_images()`` ([0, 1] images) is only called on a cache miss."""
-    from diffusion_jax.metrics import compute_reference_statistics, kid_from_features
+    from diffusion_jax.evaluation import compute_reference_statistics, kid_from_features
     if metric.startswith("kid"):
         if os.path.exists(cache_path):
             with np.load(cache_path, allow_pickle=False) as z:
@@ -485,3 +485,29 @@ def run(workdir: str, samplers: str | Iterable[str] | None = None, nfes: str | I
 __all__ = ["run", "SamplerSpec", "parse_sampler", "parse_samplers", "parse_nfes", "initial_noise",
            "noise_fingerprint", "make_denoiser", "sample_cell", "feature_space", "build_metric", "read_results",
            "write_markdown", "plot_results", "METRICS", "CSV_FIELDS"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffusion_jax bench-nfe --workdir RUN [--samplers ...] [--nfe ...] [--metric ...]``."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m diffusion_jax bench-nfe", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="the trained run (checkpoints/ and config.json)")
+    p.add_argument("--samplers", default="gddim,euler,heun",
+                   help="comma list of sampler specs name[:key=value...], e.g. gddim,gddim:order=2,euler,heun,sscs")
+    p.add_argument("--nfe", default="10,20,50,100", help="comma list of NFE budgets")
+    p.add_argument("--metric", default="fd-pixels", choices=("fid", "fd-pixels", "kid-pixels"))
+    p.add_argument("--n-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (shared by every cell)")
+    p.add_argument("--ema", default=None, help="EMA rate to use (default: the largest in the run)")
+    p.add_argument("--out", default=None, help="output folder (default RUN/bench_nfe)")
+    p.add_argument("--batch", type=int, default=None, help="sampling batch (default: all samples at once)")
+    p.add_argument("--ref", default=None, help="reference statistics .npz (default: cached under --out)")
+    p.add_argument("--fid-weights", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (or $DIFFUSION_JAX_FID_WEIGHTS) for --metric fid")
+    p.add_argument("--floor-split", default="test",
+                   help="held-out split measured against the reference as the floor ('' to skip)")
+    a = p.parse_args(argv)
+    run(a.workdir, samplers=a.samplers, nfes=a.nfe, metric=a.metric, n_samples=a.n_samples, seed=a.seed,
+        ema=a.ema, out=a.out, batch=a.batch, ref=a.ref, fid_weights=a.fid_weights,
+        floor_split=a.floor_split or None)
+    return 0

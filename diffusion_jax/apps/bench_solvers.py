@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from diffusion_jax import exact, sdes
-from diffusion_jax.param import square_root
+from diffusion_jax.evaluation.distances import sliced_wasserstein
+from diffusion_jax.exact import exact_eps_fn
 from diffusion_jax.samplers import prior_init, sample
 
 FAMILIES = {"vp": ("vp", {}), "cld": ("cld", {}), "told": ("told", {}), "cdhold4": ("cdhold", {"n": 4}),
@@ -38,22 +39,6 @@ SAMPLERS = {
 STOCHASTIC = {"euler_maruyama", "sscs", "gddim_stoch"}
 
 
-def exact_eps_fn(sde, mix):
-    """fn(u, t) -> eps w.r.t. R_t for the exact mixture score (u: (batch, 2, k), t: (batch,))."""
-    sqrt = square_root(sde, "R")
-
-    def fn(u, t):
-        return jax.vmap(lambda uu, tt: exact.mixture_eps(sde, mix, uu, tt, sqrt(tt)))(u, t)
-    return fn
-
-
-def sliced_wasserstein(a: np.ndarray, b: np.ndarray, n_proj: int = 256, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance between equal-size point clouds (exact 1-D OT per projection)."""
-    rng = np.random.default_rng(seed)
-    dirs = rng.normal(size=(n_proj, a.shape[1]))
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    pa, pb = np.sort(a @ dirs.T, axis=0), np.sort(b @ dirs.T, axis=0)
-    return float(np.sqrt(np.mean((pa - pb) ** 2)))
 
 
 def run(out_dir: str, families=None, samplers=None, nfes=NFES, n_samples: int = 256, t_end: float = 1e-3,
@@ -149,3 +134,19 @@ def _write_tables(rows: list[dict], out_dir: str) -> None:
     with open(os.path.join(out_dir, "bench_solvers.md"), "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {out_dir}/bench_solvers.md, .csv and error_vs_nfe_*.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffusion_jax bench-solvers [--families ...] [--samplers ...] [--nfe ...]``."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m diffusion_jax bench-solvers", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench_out/solvers")
+    p.add_argument("--families", default=None, help=f"comma list of {','.join(FAMILIES)}")
+    p.add_argument("--samplers", default=None, help=f"comma list of {','.join(SAMPLERS)}")
+    p.add_argument("--nfe", default=None, help="comma list of NFE (default 5,10,20,50,100,200,500,1000)")
+    p.add_argument("--n-samples", type=int, default=256)
+    a = p.parse_args(argv)
+    split = lambda v: v.split(",") if v else None
+    nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else NFES
+    run(a.out, split(a.families), split(a.samplers), nfes, a.n_samples)
+    return 0

@@ -1,0 +1,101 @@
+r"""eps <-> score <-> denoiser conversions, and :class:`Model`: one network seen in every parameterisation.
+
+With u_t = m_t x_0 + K_t eps and K_t K_t^T = Sigma_t (per data dimension, or per mode of a modal family):
+
+    s = -K_t^{-T} eps,     eps = K_t^{-1} (u - m_t D),     D = w^T (K_t^{-1} u - eps) / |w|^2,  w = K_t^{-1} m_t.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+from diffusion_jax.param.roots import OUTPUTS, SquareRoot, square_root
+
+Array = Any
+
+
+# ------------------------------------------------------------------ conversions (per pixel, or per mode)
+# Per-mode algebra goes through the family's ``apply`` / ``lift`` / ``project``, which hold the basis change
+# of a modal family (the identity for the pixel-shared ones).
+def _inv(k: Array) -> Array:
+    return jnp.linalg.inv(k)
+
+
+def score_from_eps(sde: Any, eps: Array, k_t: Array) -> Array:
+    """s = -K^{-T} eps."""
+    return -sde.apply(jnp.swapaxes(_inv(k_t), -1, -2), eps)
+
+
+def eps_from_score(sde: Any, score: Array, k_t: Array) -> Array:
+    """eps = -K^T s."""
+    return -sde.apply(jnp.swapaxes(k_t, -1, -2), score)
+
+
+def eps_from_denoiser(sde: Any, u: Array, d: Array, m_t: Array, k_t: Array) -> Array:
+    """eps = K^{-1} (u - m_t D)."""
+    return sde.apply(_inv(k_t), u - sde.lift(m_t, d))
+
+
+def denoiser_from_eps(sde: Any, u: Array, eps: Array, m_t: Array, k_t: Array) -> Array:
+    """D = w^T (K^{-1} u - eps) / |w|^2 with w = K^{-1} m_t."""
+    k_inv = _inv(k_t)
+    w = jnp.einsum("...ij,...j->...i", k_inv, m_t)
+    return sde.project(w / jnp.sum(w * w, axis=-1, keepdims=True), sde.apply(k_inv, u) - eps)
+
+
+class Model:
+    """A function ``fn(u, t_batch)`` seen as eps, score and denoiser, whatever it returns.
+
+    ``output`` says what ``fn`` returns ("eps" w.r.t. the square root ``K``, "score" or "denoiser");
+    ``fn`` is called with u of shape (batch, *data, k) and t of shape (batch,). Every conversion costs no
+    extra network evaluation.
+    """
+
+    def __init__(self, sde: Any, fn: Callable, output: str = "eps", K: str | SquareRoot = "R"):
+        if output not in OUTPUTS:
+            raise ValueError(f"unknown model output {output!r}; choose one of {OUTPUTS}")
+        self.sde = sde
+        self.fn = fn
+        self.output = output
+        self.sqrt = K if isinstance(K, SquareRoot) else square_root(sde, K)
+
+    def _call(self, u: Array, t: Array) -> Array:
+        out = self.fn(u, jnp.full((u.shape[0],), t, u.dtype))
+        expected = u.shape[:-1] if self.output == "denoiser" else u.shape
+        if out.shape != expected:
+            raise ValueError(f"fn returned shape {out.shape}, expected {expected} for output={self.output!r} "
+                             f"(state shape {u.shape})")
+        return out
+
+    def eps(self, u: Array, t: Array) -> Array:
+        out = self._call(u, t)
+        k_t = self.sqrt(t)
+        if self.output == "eps":
+            return out
+        if self.output == "score":
+            return eps_from_score(self.sde, out, k_t)
+        return eps_from_denoiser(self.sde, u, out, self.sde.mean_coefficient(t), k_t)
+
+    def score(self, u: Array, t: Array) -> Array:
+        out = self._call(u, t)
+        if self.output == "score":
+            return out
+        k_t = self.sqrt(t)
+        if self.output == "eps":
+            return score_from_eps(self.sde, out, k_t)
+        return score_from_eps(self.sde, eps_from_denoiser(self.sde, u, out, self.sde.mean_coefficient(t), k_t), k_t)
+
+    def all(self, u: Array, t: Array) -> tuple[Array, Array, Array]:
+        """(eps, score, denoiser) from one evaluation."""
+        out = self._call(u, t)
+        k_t = self.sqrt(t)
+        m_t = self.sde.mean_coefficient(t)
+        if self.output == "eps":
+            eps = out
+        elif self.output == "score":
+            eps = eps_from_score(self.sde, out, k_t)
+        else:
+            eps = eps_from_denoiser(self.sde, u, out, m_t, k_t)
+        d = out if self.output == "denoiser" else denoiser_from_eps(self.sde, u, eps, m_t, k_t)
+        return eps, score_from_eps(self.sde, eps, k_t), d
