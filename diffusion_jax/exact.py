@@ -83,7 +83,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.sdes.linear import _tri_factor as _core_tri_factor
+from diffusion_jax.sdes.base import tri_factor as _core_tri_factor
 import numpy as np
 from jax import lax
 from jax.scipy.linalg import solve_triangular

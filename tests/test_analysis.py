@@ -38,7 +38,7 @@ def posterior_mean_f64(sde, data, u, t):
     Brute force on the full state: log N(u; m_t y, I_d (x) Sigma_t) = -1/2 sum_j r_j^T Sigma^{-1} r_j + const,
     r_j = u_j - m_t y_j, with m_t and Sigma_t from the host float64 core.
     """
-    m = sde.transition_np(0.0, t)[:, 0]
+    m = sde.transition_np(t=t, s=0.0)[:, 0]
     sigma = sde.covariance_np(t)
     sinv = np.linalg.inv(sigma)
     r = u[:, None, :, :] - data[None, :, :, None] * m                      # (B, n, d, k)
@@ -58,7 +58,7 @@ def test_empirical_denoiser_matches_float64_posterior_mean(name, params):
     entropies = []
     # moderate t: Sigma_t is well conditioned there in float32 (exact.py's docstring on the Dirac case)
     for t in (0.05, 0.2, 0.6):
-        m = sde.transition_np(0.0, t)[:, 0]
+        m = sde.transition_np(t=t, s=0.0)[:, 0]
         chol = np.linalg.cholesky(sde.covariance_np(t))
         y0 = data[rng.integers(0, n, batch)] + 0.3 * rng.normal(size=(batch, d))
         u = (y0[..., None] * m + rng.normal(size=(batch, d, sde.order)) @ chol.T).astype(np.float32)
@@ -227,7 +227,7 @@ def test_trajectory_helpers_align_times_with_outputs():
     t_d, _ = analysis.denoising_trajectory(dict(ts=ts, trajectory=traj, denoised=den, denoised_ts=mids))
     np.testing.assert_array_equal(t_d, mids)
     sig, xhat = analysis.edm_view(family("vp"), ts, traj[..., 0])
-    m = np.array([family("vp").transition_np(0.0, t)[0, 0] for t in ts])
+    m = np.array([family("vp").transition_np(t=t, s=0.0)[0, 0] for t in ts])
     np.testing.assert_allclose(xhat, traj[..., 0] / m[:, None, None], rtol=1e-12)
     assert np.all(np.diff(sig) < 0)
     with pytest.raises(ValueError, match="return_trajectory"):

@@ -34,7 +34,7 @@ def test_time_outside_range():
     with pytest.raises(ValueError, match="t must lie"):
         sde.cholesky(-0.1)
     with pytest.raises(ValueError, match="s must lie"):
-        sde.transition(-1.0, 0.5)
+        sde.transition(t=0.5, s=-1.0)
 
 
 def test_unstable_drift_rejected_by_core():

@@ -76,10 +76,10 @@ def test_marginals_match_float64_pixel_space(t):
     # transitions compose: Phi(t, s') maps E[u_s' | x0] to E[u_t | x0]
     t0 = 0.5 * t
     a0, _ = ref_law(t0)
-    moved = sde.apply(sde.transition(t0, t), jnp.asarray(idct(a0 * dct(x0))[..., None], jnp.float32))
+    moved = sde.apply(sde.transition(t=t, s=t0), jnp.asarray(idct(a0 * dct(x0))[..., None], jnp.float32))
     assert np.abs(np.asarray(moved[..., 0]) - ref_mean).max() <= 2e-5 * np.abs(x0).max()
     # host float64 versions agree with the formulas to float64 accuracy
-    assert np.allclose(sde.transition_np(0.0, t)[..., 0, 0], np.broadcast_to(a, a.shape), rtol=1e-12)
+    assert np.allclose(sde.transition_np(t=t, s=0.0)[..., 0, 0], np.broadcast_to(a, a.shape), rtol=1e-12)
     assert np.allclose(sde.covariance_np(t)[..., 0, 0], s ** 2, rtol=1e-12)
 
 
@@ -252,7 +252,7 @@ def test_scaled_residual_is_the_reference_posterior_std():
     sqrt = param.square_root(cld, "R")
     for t in (1e-2, 0.3, 1.0):
         k = sqrt.np(t)
-        m = cld.transition_np(0.0, t)[:, 0]
+        m = cld.transition_np(t=t, s=0.0)[:, 0]
         c = 0.25 * np.outer(m, m) + cld.covariance_np(t)
         ref = np.sqrt(np.diag(np.eye(2) - k.T @ np.linalg.solve(c, k)))
         assert np.allclose(np.asarray(pre.c_out(jnp.asarray(t))), ref, rtol=2e-3, atol=1e-6), t

@@ -69,7 +69,7 @@ def empirical_outputs(sde, data, us, t, chunk=64):
 
 # ------------------------------------------------------------------ float64 brute-force references
 def moments64(sde, t):
-    return sde.transition_np(0.0, t)[:, 0], sde.covariance_np(t)
+    return sde.transition_np(t=t, s=0.0)[:, 0], sde.covariance_np(t)
 
 
 def ref_components(sde, means, var, t):

@@ -96,7 +96,7 @@ def test_psld_with_zero_gamma_is_cld():
     assert np.allclose(p.beta(0.3) * p.A, c.beta(0.3) * c.A)
     assert np.allclose(p.beta(0.3) * p.Q, c.beta(0.3) * c.Q)
     for t in [1e-4, 0.1, 0.5, 1.0]:
-        assert np.allclose(p.transition(0.0, t), c.transition(0.0, t), rtol=1e-5, atol=1e-7)
+        assert np.allclose(p.transition(t=t, s=0.0), c.transition(t=t, s=0.0), rtol=1e-5, atol=1e-7)
         sp, sc = np.asarray(p.covariance(t)), np.asarray(c.covariance(t))
         d = np.sqrt(np.diag(sc))
         assert np.all(np.abs(sp - sc) <= 1e-5 * np.outer(d, d))

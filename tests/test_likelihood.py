@@ -53,7 +53,7 @@ def setup(name, items=(), counting=False):
 
 # ------------------------------------------------------------------ float64 closed forms
 def moments(sde, t):
-    m = sde.transition_np(0.0, t)[:, 0]
+    m = sde.transition_np(t=t, s=0.0)[:, 0]
     return m, V * np.outer(m, m) + sde.covariance_np(t)
 
 
@@ -143,7 +143,7 @@ def test_auxiliary_bound(name, items):
             # log r(a | x0) of the returned draws against a float64 Gaussian log-density
             a = np.asarray(res.u_eps, np.float64)[..., 1:]
             if aux == "forward":
-                mean_r = np.outer(x_point, sde.transition_np(0, t_eps)[1:, 0])
+                mean_r = np.outer(x_point, sde.transition_np(t=t_eps, s=0)[1:, 0])
                 cov_r = sde.covariance_np(t_eps)[1:, 1:]
             else:
                 mean_r, cov_r = np.zeros((2, sde.order - 1)), sde.sigma0[1:, 1:]

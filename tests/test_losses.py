@@ -20,7 +20,7 @@ from diffusion_jax import exact
 from diffusion_jax.training import losses
 from diffusion_jax.param import square_root
 from diffusion_jax.sdes import families
-from diffusion_jax.training.losses import conditional_sde
+
 
 MU, VAR, DIM, N = 0.3, 0.25, 4, 12000
 
@@ -28,12 +28,12 @@ MU, VAR, DIM, N = 0.3, 0.25, 4, 12000
 def _closed_form(sde, K, t, objective, weighting):
     k = sde.order
     kt = square_root(sde, K).np(t)
-    m = sde.transition_np(0.0, t)[:, 0]
+    m = sde.transition_np(t=t, s=0.0)[:, 0]
     c = VAR * np.outer(m, m) + sde.covariance_np(t)
     if objective == "hsm":
         cov = np.eye(k) - kt.T @ np.linalg.solve(c, kt)
     else:
-        kc = conditional_sde(sde).cholesky_np(t)
+        kc = sde.known_start().cholesky_np(t)
         mm = kt.T @ np.linalg.inv(kc).T
         cov = mm @ (np.eye(k) - kc.T @ np.linalg.solve(c, kc)) @ mm.T
     if weighting == "likelihood":

@@ -24,7 +24,7 @@ def reference_dirac_pf_ode(sde, u0, t_end):
     def rhs(t, y):
         u = y.reshape(-1, k)
         beta = sde.schedule.beta(np.float64(t), np)
-        m = sde.transition_np(0.0, t)[:, 0]
+        m = sde.transition_np(t=t, s=0.0)[:, 0]
         chol = sde.cholesky_np(t)
         w = np.linalg.solve(chol.T, np.linalg.solve(chol, (u - X_STAR * m).T)).T
         return (beta * u @ sde.A.T + 0.5 * beta * w @ sde.Q.T).ravel()

@@ -22,7 +22,7 @@ def _phi_tolerance(sde, phi_ref, b):
 def test_transition_and_covariance_match_float64_ode(name, params):
     sde = sdes.make(name, **params)
     ts = jnp.asarray(TIMES + [sde.T], jnp.float32)
-    phi, sigma, chol = jax.jit(lambda t: (sde.transition(0.0, t), sde.covariance(t), sde.cholesky(t)))(ts)
+    phi, sigma, chol = jax.jit(lambda t: (sde.transition(t=t, s=0.0), sde.covariance(t), sde.cholesky(t)))(ts)
     assert phi.dtype == jnp.float32 and sigma.dtype == jnp.float32
     phi, sigma, chol = (np.asarray(a, np.float64) for a in (phi, sigma, chol))
     for i, t in enumerate(np.asarray(ts, np.float64)):
@@ -44,8 +44,8 @@ def test_transition_between_times_and_backwards(name, params):
     s, t = 0.3, 0.7
     b = float(sde.schedule.integral(t, np) - sde.schedule.integral(s, np))
     phi_ref, _ = moments_by_ode(sde.A, sde.Q, sde.sigma0, b)
-    fwd = np.asarray(sde.transition(s, t), np.float64)
-    back = np.asarray(sde.transition(t, s), np.float64)
+    fwd = np.asarray(sde.transition(t=t, s=s), np.float64)
+    back = np.asarray(sde.transition(t=s, s=t), np.float64)
     assert np.all(np.abs(fwd - phi_ref) <= _phi_tolerance(sde, phi_ref, b))
     inv_ref = np.linalg.inv(phi_ref)
     assert np.allclose(back, inv_ref, rtol=1e-4, atol=1e-5 * np.abs(inv_ref).max())
@@ -81,5 +81,5 @@ def test_vp_marginal_closed_form():
     sde = sdes.make("vp")
     for t in TIMES:
         b = 0.1 * t + 0.5 * 19.9 * t * t
-        assert abs(float(sde.transition(0.0, t)[0, 0]) - np.exp(-0.5 * b)) < 1e-6
+        assert abs(float(sde.transition(t=t, s=0.0)[0, 0]) - np.exp(-0.5 * b)) < 1e-6
         assert abs(float(sde.covariance(t)[0, 0]) / (-np.expm1(-b)) - 1) < 1e-5

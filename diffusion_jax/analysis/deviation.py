@@ -34,15 +34,14 @@ from diffusion_jax import exact
 from diffusion_jax.param import Model, SquareRoot
 from diffusion_jax.samplers import sample
 from diffusion_jax.samplers.grids import noise_level
-from diffusion_jax.sdes.linear import LinearSDE
-from diffusion_jax.sdes.modal import ModalSDE
+from diffusion_jax.sdes.base import Family
 
 Array = Any
 
 __all__ = ["empirical_denoiser_fn", "denoiser_along", "score_deviation", "nearest_neighbors"]
 
 
-def empirical_denoiser_fn(sde: LinearSDE | ModalSDE, data: Array, chunk: int = 1024) -> Callable[[Array, Array], Array]:
+def empirical_denoiser_fn(sde: Family, data: Array, chunk: int = 1024) -> Callable[[Array, Array], Array]:
     """``fn(u, t_batch)`` -> D*(u, t), shape (batch, *data), for ``samplers.sample(..., output="denoiser")``.
 
     ``data`` has shape (n, *data_shape); u has shape (batch, *data_shape, k) and t_batch (batch,).
@@ -66,7 +65,7 @@ def empirical_denoiser_fn(sde: LinearSDE | ModalSDE, data: Array, chunk: int = 1
     return fn
 
 
-def denoiser_along(sde: LinearSDE | ModalSDE, fn: Callable, traj: Array, ts: Array, output: str = "eps",
+def denoiser_along(sde: Family, fn: Callable, traj: Array, ts: Array, output: str = "eps",
                    K: str | SquareRoot = "R") -> Array:
     """D(u_{t_i}, t_i) for every state of a trajectory (N+1, batch, *data, k): shape (N+1, batch, *data).
 
@@ -87,7 +86,7 @@ def _norm(a: Array) -> np.ndarray:
     return np.linalg.norm(a.reshape(a.shape[0], a.shape[1], -1), axis=-1)
 
 
-def score_deviation(sde: LinearSDE | ModalSDE, learned_fn: Callable, data: Array, u_init: Array, *, method: str,
+def score_deviation(sde: Family, learned_fn: Callable, data: Array, u_init: Array, *, method: str,
                     nfe: int | None = None, output: str = "eps", K: str | SquareRoot = "R", chunk: int = 1024,
                     **sample_kwargs: Any) -> dict[str, Any]:
     """Learned versus optimal sampling from the same ``u_init``: the four distances of the module docstring.

@@ -43,8 +43,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_jax.samplers.grids import noise_level
-from diffusion_jax.sdes.linear import LinearSDE
-from diffusion_jax.sdes.modal import ModalSDE
+from diffusion_jax.sdes.base import Family
 
 Array = Any
 
@@ -86,7 +85,7 @@ def denoising_trajectory(info: dict) -> tuple[np.ndarray, np.ndarray]:
     return ts, den
 
 
-def reference_mean_coefficient(sde: LinearSDE | ModalSDE, t: float) -> float:
+def reference_mean_coefficient(sde: Family, t: float) -> float:
     """The scalar m_t of the data coordinate, Phi(t, 0)[x, x] (float64).
 
     Pixel-shared families: the one coefficient of every data dimension. Modal families: that of the first mode,
@@ -94,10 +93,10 @@ def reference_mean_coefficient(sde: LinearSDE | ModalSDE, t: float) -> float:
     """
     k = sde.order
     # (k, k) or (*modes, k, k): the first matrix is the pixel-shared one or the first mode's
-    return float(np.asarray(sde.transition_np(0.0, float(t))).reshape(-1, k, k)[0, 0, 0])
+    return float(np.asarray(sde.transition_np(t=float(t), s=0.0)).reshape(-1, k, k)[0, 0, 0])
 
 
-def edm_view(sde: LinearSDE | ModalSDE, ts: Array, x: Array) -> tuple[np.ndarray, np.ndarray]:
+def edm_view(sde: Family, ts: Array, x: Array) -> tuple[np.ndarray, np.ndarray]:
     """(sigma(t), x / m_t): the noise level and the rescaled data coordinate at each time.
 
     ``x`` has the time axis first (length len(ts)); m_t is :func:`reference_mean_coefficient`. For k = 1 this

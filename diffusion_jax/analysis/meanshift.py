@@ -45,8 +45,7 @@ from jax import lax
 from diffusion_jax import exact
 from diffusion_jax.analysis.geometry import reference_mean_coefficient
 from diffusion_jax.samplers.grids import noise_level
-from diffusion_jax.sdes.linear import LinearSDE
-from diffusion_jax.sdes.modal import ModalSDE
+from diffusion_jax.sdes.base import Family
 
 Array = Any
 
@@ -149,11 +148,11 @@ def _annealed(data: Array, x: Array, sigmas: Array, chunk: int) -> tuple[Array, 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _empirical_batch(sde: LinearSDE, data: Array, u: Array, t: Array, chunk: int) -> Array:
+def _empirical_batch(sde: Family, data: Array, u: Array, t: Array, chunk: int) -> Array:
     return jax.vmap(lambda uu: exact.empirical_denoiser(sde, data, uu, t, chunk))(u)
 
 
-def check_scalar_law(sde: LinearSDE | ModalSDE, ts: float | Sequence[float] = ()) -> None:
+def check_scalar_law(sde: Family, ts: float | Sequence[float] = ()) -> None:
     r"""Raise a ValueError unless every data dimension has the same scalar law N(m_t x_0, s_t^2) (k = 1).
 
     Checked on the host (nothing is compiled) at the times ``ts`` and at T, where a per-mode decay such as
@@ -163,7 +162,7 @@ def check_scalar_law(sde: LinearSDE | ModalSDE, ts: float | Sequence[float] = ()
         raise ValueError(f"{sde.name}: the mean-shift view holds for scalar (k = 1) families; "
                          f"this one has k = {sde.order}")
     for t in tuple(float(v) for v in np.atleast_1d(ts)) + (sde.T,):
-        m = np.asarray(sde.transition_np(0.0, t), np.float64).ravel()      # one entry per mode (1 if shared)
+        m = np.asarray(sde.transition_np(t=t, s=0.0), np.float64).ravel()      # one entry per mode (1 if shared)
         var = np.asarray(sde.covariance_np(t), np.float64).ravel()
         for what, v in (("mean coefficient", m), ("variance", var)):
             if np.ptp(v) > 1e-9 * np.max(np.abs(v)):
@@ -176,7 +175,7 @@ def check_scalar_law(sde: LinearSDE | ModalSDE, ts: float | Sequence[float] = ()
                     f"(analysis.trajectory_geometry) instead.")
 
 
-def euler_mean_shift_identity(sde: LinearSDE, data: Array, x: Array, t: float, t_next: float,
+def euler_mean_shift_identity(sde: Family, data: Array, x: Array, t: float, t_next: float,
                               chunk: int = 256) -> dict[str, Array]:
     r"""Both sides of the Euler step / mean-shift identity for a k = 1 family, in xhat = u / m_t.
 

@@ -54,8 +54,7 @@ from diffusion_jax.analysis.plots import plot_curves, plot_trajectories_1d
 from diffusion_jax.data import to_image_space
 from diffusion_jax.param import SquareRoot
 from diffusion_jax.samplers import METHODS, STOCHASTIC, prior_init
-from diffusion_jax.sdes.linear import LinearSDE
-from diffusion_jax.sdes.modal import ModalSDE
+from diffusion_jax.sdes.base import Family
 
 Array = Any
 
@@ -236,7 +235,7 @@ def _plot_image_samples(path: str, rows: dict[str, np.ndarray], n_cols: int = 16
     return path
 
 
-def _figures(out_dir: str, sde: LinearSDE | ModalSDE, method: str, nfe: int, data_shape: tuple, train_data: np.ndarray,
+def _figures(out_dir: str, sde: Family, method: str, nfe: int, data_shape: tuple, train_data: np.ndarray,
              res: dict, sigma: np.ndarray, sigma_data: float, nn: dict, samples_l: np.ndarray,
              samples_o: np.ndarray) -> list[str]:
     """All PNG figures of the report; returns their paths."""
@@ -268,7 +267,7 @@ def _figures(out_dir: str, sde: LinearSDE | ModalSDE, method: str, nfe: int, dat
 
 
 # ------------------------------------------------------------------ the report on arrays
-def analyze(sde: LinearSDE | ModalSDE, learned_fn: Callable, train_data: Array, heldout: Array, out_dir: str, *,
+def analyze(sde: Family, learned_fn: Callable, train_data: Array, heldout: Array, out_dir: str, *,
             output: str = "eps", K: str | SquareRoot = "R", n: int = 64, nfe: int | None = 50, method: str = "gddim",
             seed: int = 0, chunk: int = 1024, meta: dict | None = None,
             sampler_kwargs: dict | None = None, plots: bool = True) -> dict[str, Any]:

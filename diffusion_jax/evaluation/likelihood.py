@@ -110,7 +110,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.param import OUTPUTS, Model, SquareRoot
-from diffusion_jax.sdes.linear import LinearSDE, _tri_factor, apply_matrix
+from diffusion_jax.sdes.base import Family, apply_matrix, tri_factor
 
 Array = Any
 
@@ -154,7 +154,7 @@ def _check_choice(what: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {what} {value!r}; choose one of {choices}")
 
 
-def _resolve_t_eps(sde: LinearSDE, t_eps: float | None) -> float:
+def _resolve_t_eps(sde: Family, t_eps: float | None) -> float:
     if t_eps is None:
         return sde.t_min
     try:
@@ -205,7 +205,7 @@ def _check_common(sde, fn, u_shape, dtype, output, K, trace, n_probes, probe, rt
 
 
 # ------------------------------------------------------------------ the augmented ODE
-def _noise_rows(sde: LinearSDE) -> tuple[int, ...]:
+def _noise_rows(sde: Family) -> tuple[int, ...]:
     """Phase-space coordinates the noise drives: the only ones where J_g has a diagonal."""
     return sde.noise_rows
 
@@ -221,7 +221,7 @@ def _error_norm(err: Any) -> Array:
     return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(u_err))), jnp.abs(l_err))
 
 
-def _build(sde: LinearSDE, fn: Callable, output: str, K: Any, trace: str, rtol: float, atol: float,
+def _build(sde: Family, fn: Callable, output: str, K: Any, trace: str, rtol: float, atol: float,
            solver: Any, max_steps: int) -> Callable:
     # The square root only changes the score for output="eps" (for "score" and "denoiser" the conversion
     # is -Sigma^{-1}(u - m D) whatever K is), so skip building the R table there.
@@ -303,7 +303,7 @@ def _draw_probes(key: Array, probe: str, n_probes: int, shape: tuple[int, ...], 
     return z * jnp.asarray(mask, dtype)
 
 
-def ode_log_likelihood(sde: LinearSDE, fn: Callable, u: Array, *, output: str = "eps",
+def ode_log_likelihood(sde: Family, fn: Callable, u: Array, *, output: str = "eps",
                        K: str | SquareRoot = "R", t_eps: float | None = None, trace: str = "hutchinson",
                        n_probes: int = 1, probe: str = "rademacher", key: Array | None = None,
                        rtol: float = 1e-5, atol: float = 1e-5, solver: Any = None,
@@ -342,20 +342,20 @@ def ode_log_likelihood(sde: LinearSDE, fn: Callable, u: Array, *, output: str = 
 
 
 # ------------------------------------------------------------------ auxiliary variables
-def _aux_law(sde: LinearSDE, t_eps: float, aux: str, dtype: Any) -> tuple[Array, Array]:
+def _aux_law(sde: Family, t_eps: float, aux: str, dtype: Any) -> tuple[Array, Array]:
     """(mean coefficient (k-1,), lower factor F (k-1, k-1)) of r(a | x_0) = N(c x_0, F F^T) per pixel."""
     k = sde.order
     if aux == "initial":
-        var = np.diag(sde.sigma0)[1:]             # checked > 0 by sample_aux
+        var = np.asarray(sde.initial_variance)[1:]             # checked > 0 by sample_aux
         return jnp.zeros((k - 1,), dtype), jnp.asarray(np.diag(np.sqrt(var)), dtype)
     t = jnp.asarray(t_eps, dtype)
     chol = sde.cholesky(t)                                   # Sigma_t = L L^T, so Sigma_aa = L_a L_a^T
-    fac = _tri_factor(chol[1:, :], jnp)                      # with L_a = rows 1.. of L (k-1 x k)
+    fac = tri_factor(chol[1:, :], jnp)                      # with L_a = rows 1.. of L (k-1 x k)
     return sde.mean_coefficient(t)[1:], fac
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _aux_draw(sde: LinearSDE, aux: str, key: Array, x0: Array, t_eps: Array) -> tuple[Array, Array]:
+def _aux_draw(sde: Family, aux: str, key: Array, x0: Array, t_eps: Array) -> tuple[Array, Array]:
     k = sde.order
     coef, fac = _aux_law(sde, t_eps, aux, x0.dtype)
     z = jax.random.normal(key, x0.shape + (k - 1,), x0.dtype)
@@ -365,7 +365,7 @@ def _aux_draw(sde: LinearSDE, aux: str, key: Array, x0: Array, t_eps: Array) -> 
     return a, jnp.sum(per_pixel.reshape(x0.shape[0], -1), axis=1)
 
 
-def sample_aux(key: Array, sde: LinearSDE, x0: Array, t_eps: float | None = None,
+def sample_aux(key: Array, sde: Family, x0: Array, t_eps: float | None = None,
                aux: str = "forward") -> tuple[Array, Array]:
     r"""Draw a ~ r(a | x_0) per example and return (a, log r(a | x_0)).
 
@@ -382,13 +382,13 @@ def sample_aux(key: Array, sde: LinearSDE, x0: Array, t_eps: float | None = None
     if x0.ndim < 2:
         raise ValueError(f"x0 must have shape (batch, *data), got {x0.shape}")
     t0 = _resolve_t_eps(sde, t_eps)
-    if aux == "initial" and np.any(np.diag(sde.sigma0)[1:] <= 0):
+    if aux == "initial" and np.any(np.asarray(sde.initial_variance)[1:] <= 0):
         raise ValueError(f"{sde.name}: aux='initial' needs every initial auxiliary variance > 0, got "
-                         f"{np.diag(sde.sigma0)[1:].tolist()}; use aux='forward'")
+                         f"{np.asarray(sde.initial_variance)[1:].tolist()}; use aux='forward'")
     return _aux_draw(sde, aux, key, x0, jnp.asarray(t0, x0.dtype))
 
 
-def log_likelihood(sde: LinearSDE, fn: Callable, x0: Array, *, key: Array | None = None,
+def log_likelihood(sde: Family, fn: Callable, x0: Array, *, key: Array | None = None,
                    output: str = "eps", K: str | SquareRoot = "R", t_eps: float | None = None,
                    trace: str = "hutchinson", n_probes: int = 1, probe: str = "rademacher",
                    aux: str = "forward", rtol: float = 1e-5, atol: float = 1e-5, solver: Any = None,

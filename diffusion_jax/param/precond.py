@@ -32,7 +32,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from diffusion_jax.param.roots import SquareRoot, square_root
-from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.base import Family
 
 Array = Any
 
@@ -40,7 +40,7 @@ Array = Any
 class Preconditioner:
     """Maps a network ``net(x, c_noise, train, **kw)`` to eps(u, t) for a linear family."""
 
-    def __init__(self, sde: LinearSDE, K: str | SquareRoot = "R", sigma_data: float = 0.5,
+    def __init__(self, sde: Family, K: str | SquareRoot = "R", sigma_data: float = 0.5,
                  mixed: bool = False, c_out: bool = False):
         if not (sigma_data > 0):
             raise ValueError(f"sigma_data must be positive, got {sigma_data}")
@@ -105,7 +105,7 @@ class Preconditioner:
         return out
 
 
-def network_channels(sde: LinearSDE, data_shape: tuple[int, ...]) -> int:
+def network_channels(sde: Family, data_shape: tuple[int, ...]) -> int:
     """Width of the network's input and output: C k for images (H, W, C), D k for flat data (D,)."""
     if len(data_shape) == 3:
         return data_shape[-1] * sde.order

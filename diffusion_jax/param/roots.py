@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.integrate import solve_ivp
 
-from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.base import Family
 
 Array = Any
 SQUARE_ROOTS = ("R", "L")
@@ -37,7 +37,7 @@ OUTPUTS = ("eps", "score", "denoiser")
 class SquareRoot:
     """K_t with K_t K_t^T = Sigma_t: ``kind="R"`` (gDDIM) or ``"L"`` (Cholesky)."""
 
-    def __init__(self, sde: LinearSDE, kind: str = "R", per_octave: int = 64):
+    def __init__(self, sde: Family, kind: str = "R", per_octave: int = 64):
         if kind not in SQUARE_ROOTS:
             raise ValueError(f"unknown square root {kind!r}; choose one of {SQUARE_ROOTS}")
         self.sde = sde
@@ -55,12 +55,11 @@ class SquareRoot:
         orthogonal, and t S(t) stays bounded as t -> 0, so the ODE in log t is smooth and non-stiff.
         """
         sde = self.sde
-        beta = float(sde.schedule.beta(np.float64(t), np))
         chol = sde.cholesky_np(t)
-        # L^{-1} M L = L^{-1} F L + 1/2 (L^{-1} G)(L^{-1} G)^T
-        x = np.linalg.solve(chol, beta * sde.A @ chol)
-        y = np.linalg.solve(chol, sde.noise_factor)
-        w = np.triu(x + 0.5 * beta * (y @ y.T), 1)
+        # L^{-1} M L = L^{-1} F L + 1/2 L^{-1} (G G^T) L^{-T}
+        x = np.linalg.solve(chol, sde.drift_matrix_np(t) @ chol)
+        y = np.linalg.solve(chol, np.linalg.solve(chol, sde.noise_matrix_np(t)).T)
+        w = np.triu(x + 0.5 * y, 1)
         return w - w.T
 
     def _build_r_table(self, per_octave: int) -> None:
@@ -142,6 +141,6 @@ class SquareRoot:
 
 
 @functools.lru_cache(maxsize=32)
-def square_root(sde: LinearSDE, kind: str = "R") -> SquareRoot:
+def square_root(sde: Family, kind: str = "R") -> SquareRoot:
     """Cached :class:`SquareRoot` (solving for R takes a moment; do it once per family)."""
     return SquareRoot(sde, kind)

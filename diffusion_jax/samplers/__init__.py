@@ -29,7 +29,7 @@ import numpy as np
 from diffusion_jax.param import Model, SquareRoot
 from diffusion_jax.samplers.gddim import _psd_sqrt, gddim_coefficients
 from diffusion_jax.samplers.grids import GRIDS, noise_level, time_grid
-from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.base import Family
 
 Array = Any
 
@@ -41,7 +41,7 @@ STOCHASTIC = ("euler_maruyama",)
 MAX_GDDIM_ORDER = 3
 
 
-def prior_init(sde: LinearSDE, key: Array, batch: int, data_shape: tuple[int, ...]) -> Array:
+def prior_init(sde: Family, key: Array, batch: int, data_shape: tuple[int, ...]) -> Array:
     """An initial state u_T ~ prior, shape (batch, *data_shape, k)."""
     return sde.prior_sample(key, (batch,) + tuple(data_shape))
 
@@ -83,7 +83,7 @@ def _validate(sde, fn, u_init, method, nfe, order, lam, key, output):
         raise ValueError(f"fn returned shape {out.shape}, expected {expected} for output={output!r}")
 
 
-def sample(sde: LinearSDE, fn: Callable, u_init: Array, *, method: str, nfe: int | None = None,
+def sample(sde: Family, fn: Callable, u_init: Array, *, method: str, nfe: int | None = None,
            output: str = "eps", K: str | SquareRoot = "R", grid: str = "uniform",
            t_start: float | None = None, t_end: float | None = None, order: int = 1, lam: float | None = None,
            key: Array | None = None, rtol: float = 1e-5, atol: float = 1e-5, rho: float = 7.0,
@@ -129,7 +129,7 @@ def sample(sde: LinearSDE, fn: Callable, u_init: Array, *, method: str, nfe: int
 
 
 # ------------------------------------------------------------------ diffrax
-def _pf_drift(sde: LinearSDE, model: Model):
+def _pf_drift(sde: Family, model: Model):
     def f(t, u, args):
         s = model.score(u, t)
         return sde.apply(sde.drift_matrix(t), u) - 0.5 * sde.apply(sde.noise_matrix(t), s)
@@ -261,8 +261,8 @@ def _sscs(sde, model, u_init, ts, lam, key, return_trajectory):
     dtype = u_init.dtype
     n = len(ts) - 1
     mids = 0.5 * (ts[:-1] + ts[1:])
-    half1 = np.stack([sde.transition_np(ts[i], mids[i]) for i in range(n)])
-    half2 = np.stack([sde.transition_np(mids[i], ts[i + 1]) for i in range(n)])
+    half1 = np.stack([sde.transition_np(t=mids[i], s=ts[i]) for i in range(n)])
+    half2 = np.stack([sde.transition_np(t=ts[i + 1], s=mids[i]) for i in range(n)])
     nz1 = np.stack([_psd_sqrt(lam ** 2 * sde.reverse_covariance_np(mids[i], ts[i])) for i in range(n)])
     nz2 = np.stack([_psd_sqrt(lam ** 2 * sde.reverse_covariance_np(ts[i + 1], mids[i])) for i in range(n)])
     # Euler step of the score part du = -(1 + lam^2)/2 beta Q s dt over dt = -(t_i - t_{i+1}).

@@ -34,7 +34,7 @@ import functools
 import numpy as np
 
 from diffusion_jax.param import SquareRoot
-from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.base import Family
 
 _GL_NODES = 24
 
@@ -66,7 +66,7 @@ def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def gddim_coefficients(sde: LinearSDE, sqrt: SquareRoot, grid: tuple[float, ...], order: int,
+def gddim_coefficients(sde: Family, sqrt: SquareRoot, grid: tuple[float, ...], order: int,
                        lam: float) -> dict[str, np.ndarray]:
     """Host float64 step coefficients for the decreasing ``grid`` (N steps):
 
@@ -77,10 +77,10 @@ def gddim_coefficients(sde: LinearSDE, sqrt: SquareRoot, grid: tuple[float, ...]
     ts = np.asarray(grid, np.float64)
     n = len(ts) - 1
     # Per-step matrices have the family's shape: (k, k), or (*mode_shape, k, k) for a modal family.
-    psi = np.stack([sde.transition_np(ts[i], ts[i + 1]) for i in range(n)])
+    psi = np.stack([sde.transition_np(t=ts[i + 1], s=ts[i]) for i in range(n)])
     coef = np.zeros((n, order + 1) + psi.shape[1:])
     noise = np.zeros_like(psi)
-    m_next = np.stack([sde.transition_np(0.0, t)[..., :, 0] for t in ts[1:]])
+    m_next = np.stack([sde.transition_np(t=t, s=0.0)[..., :, 0] for t in ts[1:]])
     r_next = np.stack([sqrt.np(t) for t in ts[1:]])
     gl_x, gl_w = np.polynomial.legendre.leggauss(_GL_NODES)
     for i in range(n):
@@ -93,7 +93,7 @@ def gddim_coefficients(sde: LinearSDE, sqrt: SquareRoot, grid: tuple[float, ...]
         v = 0.5 * (v_hi - v_lo) * gl_x + 0.5 * (v_hi + v_lo)
         taus = np.exp(v)
         wts = 0.5 * (v_hi - v_lo) * gl_w * taus       # d tau = tau dv
-        p_vals = np.stack([sde.transition_np(tau, t_next) @ sqrt.np(tau) for tau in taus]) if q else None
+        p_vals = np.stack([sde.transition_np(t=t_next, s=tau) @ sqrt.np(tau) for tau in taus]) if q else None
         for j in range(q + 1):
             lj_next = _lagrange(nodes, j, np.array([t_next]))[0]
             lj_t = _lagrange(nodes, j, np.array([t]))[0]

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.base import Family
 
 GRIDS = ("uniform", "quadratic", "logsnr", "edm")
 
 
-def noise_level(sde: LinearSDE, t: np.ndarray) -> np.ndarray:
+def noise_level(sde: Family, t: np.ndarray) -> np.ndarray:
     """sigma(t) = sqrt(Sigma_t[x, x]) / m_t[x]: the noise-to-signal ratio of the data coordinate.
 
     For VE it is sqrt(B(t)) (EDM's sigma); for VP sqrt(e^B - 1) (EDM's sigma of VP); for a modal family
@@ -21,7 +21,7 @@ def noise_level(sde: LinearSDE, t: np.ndarray) -> np.ndarray:
     return out
 
 
-def _invert_monotone(sde: LinearSDE, t_start: float, t_end: float, target: np.ndarray, fn) -> np.ndarray:
+def _invert_monotone(sde: Family, t_start: float, t_end: float, target: np.ndarray, fn) -> np.ndarray:
     """t with fn(t) = target for an increasing fn on [t_end, t_start], by dense log-t table + bisection."""
     dense = np.geomspace(t_end, t_start, 2049)
     vals = fn(dense)
@@ -41,7 +41,7 @@ def _invert_monotone(sde: LinearSDE, t_start: float, t_end: float, target: np.nd
     return out
 
 
-def time_grid(sde: LinearSDE, n_steps: int, kind: str = "uniform", t_start: float | None = None,
+def time_grid(sde: Family, n_steps: int, kind: str = "uniform", t_start: float | None = None,
               t_end: float | None = None, rho: float = 7.0) -> np.ndarray:
     """N + 1 decreasing times from ``t_start`` (default T) to ``t_end`` (default t_min).
 

@@ -1,6 +1,8 @@
 """The families of the five papers as small definitions on the linear core (DESIGN.md section 2)."""
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from fractions import Fraction
 from typing import Callable, Sequence
@@ -138,9 +140,8 @@ def cdhold(n: int = 3, beta: float = 4.0, init_var: float | Sequence[float] = 0.
 def told(beta: float = 4.0, init_var: float | Sequence[float] = 0.04, T: float = 1.0,
          t_min: float = 1e-5) -> LinearSDE:
     """TOLD++: cdhold with n = 3 (g = (1, 2 sqrt 2), xi = 3 sqrt 3)."""
-    sde = cdhold(3, beta, init_var, T, t_min)
-    sde.name = "told"
-    return sde
+    lam, g, xi = critical_damping(3)
+    return hold(g, xi, beta, init_var, T, t_min, name="told", extra=dict(n=3, lam=lam))
 
 
 def psld(beta: float = 8.0, gamma: float = 0.01, nu: float = 4.01, m_inv: float | None = None,
@@ -199,8 +200,23 @@ def make(name: str, **params) -> LinearSDE | ModalSDE:
         raise ValueError(f"unknown SDE family {name!r}; known families: {', '.join(sorted(FAMILIES))}")
     builder = FAMILIES[name]
     try:
-        return builder(**params)
+        inspect.signature(builder).bind(**params)
     except TypeError as e:
-        import inspect
         raise ValueError(f"{name}: bad parameters {sorted(params)} ({e}); "
-                         f"{name} accepts {list(inspect.signature(builder).parameters)}") from None
+                         f"{name} accepts {list(inspect.signature(builder).parameters)}") from e
+    return _make_cached(name, tuple(sorted((k, _hashable(v)) for k, v in params.items())))
+
+
+def _hashable(v):
+    """Parameter values as cache keys: lists (e.g. from JSON configs) become tuples."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, np.ndarray):
+        return tuple(_hashable(x) for x in v.tolist())
+    return v
+
+
+@functools.lru_cache(maxsize=128)
+def _make_cached(name: str, params: tuple) -> LinearSDE | ModalSDE:
+    # Families are immutable values: one object (and one set of float64 tables) per definition.
+    return FAMILIES[name](**dict(params))

@@ -27,6 +27,7 @@ eps * sqrt(Sigma_ii Sigma_jj): exactly the scaled accuracy the data coordinate n
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from diffusion_jax.sdes.base import FamilyBase, apply_matrix, tri_factor
 from diffusion_jax.sdes.schedules import Schedule
 
 Array = Any
@@ -44,49 +46,9 @@ _GAUSS_EXTRA = 6        # Gauss-Legendre nodes beyond k
 _MAX_TABLE = 200_000
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
-def _tri_factor(k_mat: Array, xp) -> Array:
-    """Lower-triangular L with L L^T = K K^T, from the QR factorisation of K^T (k x m, m >= k)."""
-    r = xp.linalg.qr(xp.swapaxes(k_mat, -1, -2), mode="reduced")[1]
-    d = xp.diagonal(r, axis1=-2, axis2=-1)
-    sign = xp.where(d < 0, -1.0, 1.0).astype(r.dtype)
-    return xp.swapaxes(r, -1, -2) * sign[..., None, :]
-
-
-def apply_matrix(m: Array, u: Array) -> Array:
-    """Apply per-pixel k x k matrices m (shape (*batch, k, k)) to a state u of shape (*batch, *data, k).
-
-    ``batch`` may be empty (one matrix for all pixels); the matrix is broadcast over the data axes.
-    """
-    m = jnp.asarray(m)
-    n_extra = u.ndim - 1 - (m.ndim - 2)
-    m = m.reshape(m.shape[:-2] + (1,) * n_extra + m.shape[-2:])
-    return jnp.einsum("...ij,...j->...i", m, u)
-
-
-class TimeDomain:
-    """The time checks every family shares (needs ``name`` and ``T``)."""
-
-    name: str
-    T: float
-
-    def _check_t(self, t: Any, what: str = "t") -> None:
-        if _is_concrete(t):
-            arr = np.asarray(t, dtype=np.float64)
-            if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > self.T * (1 + 1e-6)):
-                raise ValueError(
-                    f"{self.name}: {what} must lie in [0, T={self.T}], got values in "
-                    f"[{arr.min():.4g}, {arr.max():.4g}]")
-
-    @staticmethod
-    def _float(t):
-        return jnp.asarray(t, dtype=jnp.result_type(float))
-
-
-class LinearSDE(TimeDomain):
+class LinearSDE(FamilyBase):
     """A linear phase-space diffusion family: data (A, Q, beta schedule, Sigma_0, T, t_min).
 
     The state layout is ``(..., *data_shape, k)``: the phase-space coordinate is the last axis and the
@@ -114,12 +76,8 @@ class LinearSDE(TimeDomain):
             raise ValueError(f"{name}: need {k - 1} initial auxiliary variances, got {len(sigma0_aux)}")
         if any(not (s >= 0 and math.isfinite(s)) for s in sigma0_aux):
             raise ValueError(f"{name}: initial auxiliary variances must be finite and >= 0, got {sigma0_aux}")
-        if not (T > 0 and math.isfinite(T)):
-            raise ValueError(f"{name}: T must be a positive finite number, got {T}")
-        if not (0 < t_min < T):
-            raise ValueError(f"{name}: need 0 < t_min < T, got t_min={t_min}, T={T}")
-
         self.name = name
+        self._check_horizon(T, t_min)
         self.params = dict(params or {})
         self.A = A
         self.Q = Q
@@ -127,6 +85,7 @@ class LinearSDE(TimeDomain):
         self.T = float(T)
         self.t_min = float(t_min)
         self.sigma0 = np.diag(np.array((0.0,) + sigma0_aux))
+        self.initial_variance = np.diag(self.sigma0).copy()
         if np.allclose(Q, np.diag(np.diag(Q))):
             # Diagonal Q (every family here): exact factor, no rounding from an eigensolver.
             cols = [i for i in range(k) if Q[i, i] > 0]
@@ -143,6 +102,11 @@ class LinearSDE(TimeDomain):
         self.noise_factor = g0
         self._build_tables()
         self._build_prior()
+        self.noise_rows = tuple(i for i in range(k) if np.any(Q[i] != 0))
+        self._finish()
+
+    def _definition(self):
+        return (self.A.tobytes(), self.Q.tobytes(), self.schedule, tuple(np.diag(self.sigma0)))
 
     # ------------------------------------------------------------------ construction
     @property
@@ -184,7 +148,7 @@ class LinearSDE(TimeDomain):
         l_tab[0] = np.sqrt(self.sigma0)
         for j in range(1, n_tab):
             phi_tab[j] = phi_h @ phi_tab[j - 1]
-            l_tab[j] = _tri_factor(np.concatenate([phi_h @ l_tab[j - 1], n_h], axis=1), np)
+            l_tab[j] = tri_factor(np.concatenate([phi_h @ l_tab[j - 1], n_h], axis=1), np)
         self._phi_tab = phi_tab
         self._l_tab = l_tab
 
@@ -235,7 +199,7 @@ class LinearSDE(TimeDomain):
         p = self._p if dtype is None else xp.asarray(self._p, dtype)
         tab = self._l_tab if dtype is None else xp.asarray(self._l_tab, dtype)
         kmat = xp.concatenate([self._taylor(x, p, xp) @ tab[idx], self._noise_root(x, xp, dtype)], axis=1)
-        return _tri_factor(kmat, xp)
+        return tri_factor(kmat, xp)
 
     # ------------------------------------------------------------------ public API (JAX)
     def beta(self, t: Array) -> Array:
@@ -263,7 +227,7 @@ class LinearSDE(TimeDomain):
             self._phi_pos(jnp.abs(bb), jnp, bb.dtype))
         return jnp.vectorize(fn, signature="()->(i,j)")(b)
 
-    def transition(self, s: Array, t: Array) -> Array:
+    def transition(self, *, t: Array, s: Array) -> Array:
         """Phi(t, s) = expm(A (B(t) - B(s))): maps the mean at time s to time t (t < s allowed)."""
         self._check_t(s, "s")
         self._check_t(t)
@@ -274,36 +238,6 @@ class LinearSDE(TimeDomain):
         self._check_t(t)
         b = self.B(t)
         return jnp.vectorize(lambda bb: self._chol_b(bb, jnp, bb.dtype), signature="()->(i,j)")(b)
-
-    def covariance(self, t: Array) -> Array:
-        """Sigma_t = Cov(u_t | x_0), shape (*t.shape, k, k)."""
-        chol = self.cholesky(t)
-        return chol @ jnp.swapaxes(chol, -1, -2)
-
-    def mean_coefficient(self, t: Array) -> Array:
-        """m_t = Phi(t, 0)[:, 0]: E[u_t | x_0] = m_t x_0, shape (*t.shape, k)."""
-        return self.transition(0.0, t)[..., :, 0]
-
-    def embed(self, x0: Array) -> Array:
-        """(x_0, 0, ..., 0): data of shape (...) -> state of shape (..., k)."""
-        return jnp.concatenate([x0[..., None], jnp.zeros(x0.shape + (self.order - 1,), x0.dtype)], -1)
-
-    def marginal(self, x0: Array, t: Array) -> tuple[Array, Array]:
-        """Mean (shape x0.shape + (k,)) and Cholesky factor of u_t | x_0.
-
-        ``t`` is a scalar or has the leading (batch) shape of ``x0``; the returned factor has shape
-        (*t.shape, k, k) and is applied with :func:`apply_matrix`.
-        """
-        t = self._float(t)
-        coeff = self.mean_coefficient(t)
-        coeff = coeff.reshape(coeff.shape[:-1] + (1,) * (x0.ndim - t.ndim) + coeff.shape[-1:])
-        return coeff * x0[..., None], self.cholesky(t)
-
-    def sample_marginal(self, key: Array, x0: Array, t: Array) -> tuple[Array, Array]:
-        """Draw u_t = m_t x_0 + L_t z with z ~ N(0, I); returns (u_t, z), both of shape x0.shape + (k,)."""
-        mean, chol = self.marginal(x0, t)
-        z = jax.random.normal(key, mean.shape, mean.dtype)
-        return mean + apply_matrix(chol, z), z
 
     def prior_sample(self, key: Array, shape: tuple[int, ...]) -> Array:
         """Samples of the prior N(0, Sigma_prior) per pixel, shape (*shape, k)."""
@@ -320,41 +254,9 @@ class LinearSDE(TimeDomain):
         return jnp.sum(per_pixel, axis=tuple(range(batch_ndim, per_pixel.ndim)))
 
     # ------------------------------------------------------------------ the common family interface
-    # Shared with :class:`~diffusion_jax.sdes.modal.ModalSDE`: a family that acts through an orthogonal
-    # basis change overrides these; here the basis is the identity and one k x k matrix serves every pixel.
-    mode_ndim = 0
-    data_shape = None
-
-    @property
-    def noise_rows(self) -> tuple[int, ...]:
-        """Phase-space coordinates that the noise drives (non-zero rows of Q)."""
-        return tuple(i for i in range(self.order) if np.any(self.Q[i] != 0))
-
-    def to_modes(self, u: Array) -> Array:
-        return u
-
-    def from_modes(self, w: Array) -> Array:
-        return w
-
-    def apply(self, m: Array, u: Array) -> Array:
-        """M u per pixel for matrices m of shape (*t, k, k) (t scalar or u's leading batch axes)."""
-        return apply_matrix(m, u)
-
-    def lift(self, m: Array, x: Array) -> Array:
-        """The state m x from data x (batch, *data) and vectors m (*t, k): e.g. the mean m_t x_0."""
-        m = jnp.asarray(m)
-        m = m.reshape(m.shape[:-1] + (1,) * (x.ndim - (m.ndim - 1)) + m.shape[-1:])
-        return m * x[..., None]
-
-    def project(self, w: Array, u: Array) -> Array:
-        """Data w^T u from a state u and vectors w (*t, k)."""
-        w = jnp.asarray(w)
-        w = w.reshape(w.shape[:-1] + (1,) * (u.ndim - w.ndim) + w.shape[-1:])
-        return jnp.sum(w * u, axis=-1)
-
-    def mode_mean(self, x: Array) -> Array:
-        """Average of per-mode vectors over the mode axes (none here)."""
-        return x
+    def known_start(self) -> "LinearSDE":
+        """The same process started from a known full state (Sigma_0 = 0): its covariance is Sigma'_t."""
+        return _known_start(self)
 
     def noise_matrix(self, t: Array) -> Array:
         """G G^T (t) = beta(t) Q, shape (*t.shape, k, k)."""
@@ -386,26 +288,20 @@ class LinearSDE(TimeDomain):
         cov = e[k:, k:].T @ e[:k, k:]
         return 0.5 * (cov + cov.T)
 
-    def noise_level_np(self, t: float) -> float:
-        """sqrt(Sigma_t[x, x]) / m_t[x]: the noise-to-signal ratio of the data coordinate (EDM's sigma)."""
-        return float(np.sqrt(self.covariance_np(t)[0, 0]) / self.transition_np(0.0, t)[0, 0])
-
     def expm_b_np(self, b: float) -> np.ndarray:
         b = float(b)
         p = self._phi_pos(np.float64(abs(b)), np)
         return np.linalg.inv(p) if b < 0 else p
 
-    def transition_np(self, s: float, t: float) -> np.ndarray:
+    def transition_np(self, *, t: float, s: float) -> np.ndarray:
         b = self.schedule.integral(np.float64(t), np) - self.schedule.integral(np.float64(s), np)
         return self.expm_b_np(b)
 
     def cholesky_np(self, t: float) -> np.ndarray:
         return self._chol_b(np.float64(self.schedule.integral(np.float64(t), np)), np)
 
-    def covariance_np(self, t: float) -> np.ndarray:
-        chol = self.cholesky_np(t)
-        return chol @ chol.T
 
-    def __repr__(self) -> str:
-        ps = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"LinearSDE({self.name}, k={self.order}, {ps})"
+@functools.lru_cache(maxsize=64)
+def _known_start(sde: LinearSDE) -> LinearSDE:
+    return LinearSDE(sde.name + "|u0", sde.A, sde.Q, sde.schedule, (0.0,) * (sde.order - 1), sde.T, sde.t_min,
+                     sde.params)

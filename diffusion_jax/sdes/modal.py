@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.sdes.linear import TimeDomain
+from diffusion_jax.sdes.base import FamilyBase
 
 Array = Any
 
@@ -94,36 +94,38 @@ class ModeLaw(Protocol):
     def dvariance(self, t: Array, xp) -> Array: ...
 
 
-class ModalSDE(TimeDomain):
+class ModalSDE(FamilyBase):
     """A linear diffusion diagonal in an orthogonal basis: per-mode scalar SDEs (k = 1), state in pixel space.
 
     Same public interface as :class:`~diffusion_jax.sdes.linear.LinearSDE`; per-mode matrices carry the
-    ``mode_shape`` axes between the time axes and the trailing (k, k).
+    ``mode_shape`` axes between the time axes and the trailing (k, k). ``basis=None`` is the identity: one
+    scalar law shared by every pixel, for data of any shape (e.g. score_sde's sub-VP).
     """
 
     order = 1
 
-    def __init__(self, name: str, basis: DCTBasis, law: ModeLaw, T: float = 1.0, t_min: float = 1e-5,
+    def __init__(self, name: str, basis: DCTBasis | None, law: ModeLaw, T: float = 1.0, t_min: float = 1e-5,
                  params: dict | None = None):
-        if not (T > 0 and math.isfinite(T)):
-            raise ValueError(f"{name}: T must be a positive finite number, got {T}")
-        if not (0 < t_min < T):
-            raise ValueError(f"{name}: need 0 < t_min < T, got t_min={t_min}, T={T}")
         self.name = name
+        self._check_horizon(T, t_min)
         self.params = dict(params or {})
         self.basis = basis
         self.law = law
         self.T = float(T)
         self.t_min = float(t_min)
-        self.data_shape = basis.shape
-        self.mode_shape = basis.mode_shape
-        self.mode_ndim = len(basis.shape)
-        self.sigma0 = np.zeros((1, 1))
+        self.data_shape = None if basis is None else basis.shape
+        self.mode_shape = () if basis is None else basis.mode_shape
+        self.mode_ndim = len(self.mode_shape)
+        self.initial_variance = np.zeros(1)
         self.noise_rows = (0,)
         self._check_law()
         var_t = float(np.max(self.law.variance(np.float64(self.T), np)))
         self.prior_covariance = np.array([[var_t]])
         self.prior_cholesky = np.sqrt(self.prior_covariance)
+        self._finish()
+
+    def _definition(self):
+        return (self.data_shape, getattr(self.law, "key", self.law))
 
     def _check_law(self) -> None:
         ts = np.concatenate([[0.0], np.geomspace(self.t_min, self.T, 257)])
@@ -144,27 +146,11 @@ class ModalSDE(TimeDomain):
 
     def to_modes(self, u: Array) -> Array:
         """V^T u for a state of shape (..., *data_shape, k)."""
-        return self.basis.forward(u)
+        return u if self.basis is None else self.basis.forward(u)
 
     def from_modes(self, w: Array) -> Array:
         """V w for mode coordinates of shape (..., *data_shape, k)."""
-        return self.basis.inverse(w)
-
-    def apply(self, m: Array, u: Array) -> Array:
-        """V (M (V^T u)): per-mode matrices m (*t, *modes, k, k), t scalar or u's batch axis."""
-        return self.from_modes(jnp.einsum("...ij,...j->...i", m, self.to_modes(u)))
-
-    def lift(self, m: Array, x: Array) -> Array:
-        """The state V (m (V^T x)) from data x (batch, *data) and per-mode vectors m (*t, *modes, k)."""
-        return self.from_modes(m * self.to_modes(x[..., None]))
-
-    def project(self, w: Array, u: Array) -> Array:
-        """Data V (w^T (V^T u)) from a state u and per-mode vectors w (*t, *modes, k)."""
-        return self.from_modes(jnp.sum(w * self.to_modes(u), axis=-1, keepdims=True))[..., 0]
-
-    def mode_mean(self, x: Array) -> Array:
-        """Average over the mode axes of per-mode vectors (*t, *modes, k) -> (*t, k)."""
-        return jnp.mean(x, axis=tuple(range(x.ndim - 1 - self.mode_ndim, x.ndim - 1)))
+        return w if self.basis is None else self.basis.inverse(w)
 
     # ------------------------------------------------------------------ per-mode scalars (xp = np or jnp)
     def _noise(self, t, xp):
@@ -198,10 +184,11 @@ class ModalSDE(TimeDomain):
     def drift_trace(self, t: Array, data_shape: tuple[int, ...]) -> Array:
         """tr F over a whole state of data shape ``data_shape`` (basis-invariant): sum of f_f over pixels."""
         f = self.law.dlog_mean(self._tb(self._float(t), jnp), jnp)
+        f = f.reshape(f.shape + (1,) * (jnp.ndim(t) + len(data_shape) - f.ndim))   # shared law: no mode axes
         f = jnp.broadcast_to(f, jnp.shape(t) + tuple(data_shape))
         return jnp.sum(f, axis=tuple(range(f.ndim - len(data_shape), f.ndim)))
 
-    def transition(self, s: Array, t: Array) -> Array:
+    def transition(self, *, t: Array, s: Array) -> Array:
         """Phi(t, s) = a_f(t) / a_f(s) per mode (t < s allowed)."""
         self._check_t(s, "s")
         self._check_t(t)
@@ -215,26 +202,9 @@ class ModalSDE(TimeDomain):
         t = self._float(t)
         return self._mat(jnp.sqrt(self.law.variance(self._tb(t, jnp), jnp)), t.ndim)
 
-    def covariance(self, t: Array) -> Array:
-        chol = self.cholesky(t)
-        return chol * chol
-
-    def mean_coefficient(self, t: Array) -> Array:
-        """a_f(t) per mode, shape (*t.shape, *modes, 1)."""
-        return self.transition(0.0, t)[..., 0]
-
-    def embed(self, x0: Array) -> Array:
-        return x0[..., None]
-
-    def marginal(self, x0: Array, t: Array) -> tuple[Array, Array]:
-        """Mean (state of x0's shape + (1,)) and per-mode factor of u_t | x_0."""
-        return self.lift(self.mean_coefficient(t), x0), self.cholesky(t)
-
-    def sample_marginal(self, key: Array, x0: Array, t: Array) -> tuple[Array, Array]:
-        """u_t = V (a (V^T x0) + s z'), returned with z = V z' (a standard normal in pixel space)."""
-        mean, chol = self.marginal(x0, t)
-        z = jax.random.normal(key, mean.shape, mean.dtype)
-        return mean + self.apply(chol, z), z
+    def known_start(self) -> "ModalSDE":
+        """Sigma_0 = 0 already (k = 1): the process from a known state is the family itself."""
+        return self
 
     def _prior_sd(self, dtype) -> Array:
         var = self.law.variance(np.float64(self.T), np)
@@ -256,7 +226,7 @@ class ModalSDE(TimeDomain):
         x = np.broadcast_to(x, tuple(t_shape) + self.mode_shape)
         return np.array(x)[..., None, None]
 
-    def transition_np(self, s: float, t: float) -> np.ndarray:
+    def transition_np(self, *, t: float, s: float) -> np.ndarray:
         la = self.law.log_mean(np.float64(t), np) - self.law.log_mean(np.float64(s), np)
         return self._np_mat(np.exp(la))
 
@@ -274,19 +244,8 @@ class ModalSDE(TimeDomain):
 
     def reverse_covariance_np(self, t_next: float, t: float) -> np.ndarray:
         """Noise of the exact reverse linear step t -> t' < t: Phi(t', t)^2 s(t)^2 - s(t')^2 per mode."""
-        phi = self.transition_np(t, t_next)
+        phi = self.transition_np(t=t_next, s=t)
         return np.maximum(phi * phi * self.covariance_np(t) - self.covariance_np(t_next), 0.0)
-
-    def noise_level_np(self, t: float) -> float:
-        """s(t) / a(t) of the unblurred (lowest-frequency) mode: the EDM-style sigma of the family."""
-        a = np.broadcast_to(np.exp(self.law.log_mean(np.float64(t), np)), self.mode_shape).flat[0]
-        s = np.broadcast_to(np.sqrt(self.law.variance(np.float64(t), np)), self.mode_shape).flat[0]
-        return float(s / a)
-
-    def __repr__(self) -> str:
-        ps = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"ModalSDE({self.name}, {ps})"
-
 
 class BlurLaw:
     r"""Blurring diffusion (Hoogeboom & Salimans 2023) as gDDIM uses it.
@@ -305,6 +264,11 @@ class BlurLaw:
         self.d_min = float(d_min)
         self.phi_T = math.atan(math.exp(-0.5 * logsnr_min))
         self.T = float(T)
+
+    @property
+    def key(self) -> tuple:
+        """Value key (the law is fixed by its parameters and frequencies)."""
+        return ("blur", self.sigma_blur_max, self.d_min, self.phi_T, self.T, self.lam.shape, self.lam.tobytes())
 
     def _lam(self, xp, t):
         return self.lam if xp is np else xp.asarray(self.lam, t.dtype)

@@ -24,7 +24,6 @@ which keeps each batch's times spread over [t_eps, T] and lowers the variance of
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -32,21 +31,14 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from diffusion_jax.param import SquareRoot
-from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.base import Family
 
 Array = Any
 OBJECTIVES = ("hsm", "dsm")
 WEIGHTINGS = ("eps", "likelihood")
 
 
-@functools.lru_cache(maxsize=32)
-def conditional_sde(sde: LinearSDE) -> LinearSDE:
-    """The same process started from a known full state (Sigma_0 = 0): its covariance is Sigma'_t."""
-    return LinearSDE(sde.name + "|u0", sde.A, sde.Q, sde.schedule, (0.0,) * (sde.order - 1), sde.T,
-                     sde.t_min, sde.params)
-
-
-def check_loss_options(sde: LinearSDE, objective: str, weighting: str, t_eps: float) -> None:
+def check_loss_options(sde: Family, objective: str, weighting: str, t_eps: float) -> None:
     """Raise a ``ValueError`` naming the fix for a bad objective / weighting / t_eps."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown training objective {objective!r}; choose one of {OBJECTIVES}")
@@ -63,7 +55,7 @@ def stratified_times(key: Array, n: int, t_eps: float, T: float) -> Array:
     return t_eps + (T - t_eps) * frac
 
 
-def perturb(sde: LinearSDE, sqrt: SquareRoot, key: Array, x0: Array, t: Array,
+def perturb(sde: Family, sqrt: SquareRoot, key: Array, x0: Array, t: Array,
             objective: str = "hsm") -> tuple[Array, Array]:
     """Draw u_t given data x0 (shape (batch, *data)) at times t (batch,); returns (u_t, eps target)."""
     k_t = sqrt(t)
@@ -72,12 +64,12 @@ def perturb(sde: LinearSDE, sqrt: SquareRoot, key: Array, x0: Array, t: Array,
         z = jax.random.normal(key, x0.shape + (sde.order,), x0.dtype)
         return sde.lift(sde.mean_coefficient(t), x0) + sde.apply(k_t, z), z
     k_a, k_z = jax.random.split(key)
-    aux_sd = jnp.sqrt(jnp.asarray(sde.sigma0.diagonal(), x0.dtype))
+    aux_sd = jnp.sqrt(jnp.asarray(sde.initial_variance, x0.dtype))
     u0 = sde.embed(x0) + aux_sd * jax.random.normal(k_a, x0.shape + (sde.order,), x0.dtype)
-    cond = conditional_sde(sde)
+    cond = sde.known_start()
     k_c = cond.cholesky(t)
     z = jax.random.normal(k_z, u0.shape, u0.dtype)
-    u_t = sde.apply(sde.transition(0.0, t), u0) + sde.apply(k_c, z)
+    u_t = sde.apply(sde.transition(t=t, s=0.0), u0) + sde.apply(k_c, z)
     # eps* = K^T K'^{-T} z, per example: a triangular solve with K'^T (upper), then K^T.
     flat = z.reshape(z.shape[0], -1, sde.order)
     w = jax.vmap(lambda kc, zz: solve_triangular(kc.T, zz.T, lower=False).T)(k_c, flat)
@@ -85,7 +77,7 @@ def perturb(sde: LinearSDE, sqrt: SquareRoot, key: Array, x0: Array, t: Array,
     return u_t, target
 
 
-def loss_weight_matrix(sde: LinearSDE, sqrt: SquareRoot, t: Array, weighting: str) -> Array | None:
+def loss_weight_matrix(sde: Family, sqrt: SquareRoot, t: Array, weighting: str) -> Array | None:
     """W_t applied to the eps error (None for the ``"eps"`` weighting): G_t^T K_t^{-T} (G G^T = beta Q)."""
     if weighting == "eps":
         return None
@@ -94,7 +86,7 @@ def loss_weight_matrix(sde: LinearSDE, sqrt: SquareRoot, t: Array, weighting: st
     return jnp.swapaxes(g_t, -1, -2) @ jnp.swapaxes(jnp.linalg.inv(k_t), -1, -2)
 
 
-def score_matching_loss(eps_fn: Callable[[Array, Array], Array], sde: LinearSDE, sqrt: SquareRoot,
+def score_matching_loss(eps_fn: Callable[[Array, Array], Array], sde: Family, sqrt: SquareRoot,
                         key: Array, x0: Array, *, objective: str = "hsm", weighting: str = "eps",
                         t_eps: float = 1e-5, t: Array | None = None) -> tuple[Array, dict]:
     """Mean over the batch of the weighted eps regression error, averaged over data dimensions.

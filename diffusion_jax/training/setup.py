@@ -15,7 +15,7 @@ from diffusion_jax.models import get_model
 from diffusion_jax.param import SquareRoot, square_root
 from diffusion_jax.param.precond import Preconditioner, network_channels
 from diffusion_jax.sdes import families
-from diffusion_jax.sdes.linear import LinearSDE
+from diffusion_jax.sdes.base import Family
 from diffusion_jax.training.state import make_optimizer
 
 Array = Any
@@ -24,7 +24,7 @@ Array = Any
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     config: Any
-    sde: LinearSDE
+    sde: Family
     sqrt: SquareRoot
     precond: Preconditioner
     net: Any                       # a flax.linen Module
