@@ -189,8 +189,46 @@ def bdm(shape: Sequence[int] = (8, 8, 1), sigma_blur_max: float = 5.0, d_min: fl
                                                         d_min=d_min, logsnr_min=logsnr_min))
 
 
+
+class SubVPLaw:
+    r"""score_sde's sub-VP SDE  dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - e^{-2 B(t)})) dW  as a scalar law:
+
+        m_t = e^{-B/2},   s_t^2 = (1 - e^{-B})^2,   B(t) = int_0^t beta,
+
+    so f = d log m/dt = -beta/2 and d s^2/dt - 2 f s^2 = beta (1 - e^{-2B}), the SDE's noise rate. The noise
+    rate is not a constant multiple of beta, which is why it is a law and not a (beta, A, Q) family.
+    """
+
+    def __init__(self, schedule: LinearBeta):
+        self.schedule = schedule
+
+    @property
+    def key(self) -> tuple:
+        return ("subvp", self.schedule)
+
+    def log_mean(self, t, xp):
+        return -0.5 * self.schedule.integral(t, xp)
+
+    def dlog_mean(self, t, xp):
+        return -0.5 * self.schedule.beta(t, xp)
+
+    def variance(self, t, xp):
+        return xp.expm1(-self.schedule.integral(t, xp)) ** 2            # expm1: exact at small B
+
+    def dvariance(self, t, xp):
+        b = self.schedule.integral(t, xp)
+        return -2.0 * xp.expm1(-b) * xp.exp(-b) * self.schedule.beta(t, xp)
+
+
+def subvp(beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0, t_min: float = 1e-5) -> ModalSDE:
+    """Sub-VP (Song et al. 2021): VP's mean, variance (1 - e^{-B})^2 <= VP's; one scalar law for every pixel."""
+    _positive("subvp", beta_min=beta_min, beta_max=beta_max)
+    return ModalSDE("subvp", None, SubVPLaw(LinearBeta(beta_min, beta_max)), T, t_min,
+                    dict(beta_min=beta_min, beta_max=beta_max))
+
 FAMILIES: dict[str, Callable[..., LinearSDE | ModalSDE]] = {
     "vp": vp, "ve": ve, "cld": cld, "hold": hold, "cdhold": cdhold, "told": told, "psld": psld, "bdm": bdm,
+    "subvp": subvp,
 }
 
 
