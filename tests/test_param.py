@@ -71,3 +71,22 @@ def test_unknown_square_root_and_output():
         param.SquareRoot(sde, "Q")
     with pytest.raises(ValueError, match="unknown model output 'v'"):
         param.Model(sde, lambda u, t: u, output="v")
+
+
+def test_equal_families_share_their_tables(monkeypatch):
+    """Families are values: two make() calls with the same parameters build the R_t table once."""
+    from diffusion_jax.param import roots
+    builds = []
+    real = roots.SquareRoot._build_r_table
+    monkeypatch.setattr(roots.SquareRoot, "_build_r_table", lambda self, *a: (builds.append(self.sde), real(self, *a)))
+    roots.square_root.cache_clear()
+    a, b = sdes.make("cdhold", n=4, beta=3.5), sdes.make("cdhold", n=4, beta=3.5)
+    assert a == b and hash(a) == hash(b)
+    assert param.square_root(a, "R") is param.square_root(b, "R")
+    assert len(builds) == 1
+    c = sdes.make("cdhold", n=4, beta=3.0)                  # another value: its own table
+    assert c != a
+    param.square_root(c, "R")
+    assert len(builds) == 2
+    with pytest.raises(AttributeError, match="immutable"):
+        a.T = 2.0
