@@ -1,4 +1,4 @@
-"""Family definitions: critical damping, the DESIGN.md table, stationary laws, PSLD -> CLD."""
+"""Family definitions: critical damping, the closed-form table of docs/maths.md, stationary laws, PSLD -> CLD."""
 import math
 
 import numpy as np
@@ -32,7 +32,7 @@ def test_cdhold_characteristic_polynomial_is_critical(n):
         assert sde.params["g"][0] == 1.0
 
 
-DESIGN_TABLE = {
+CLOSED_FORM_TABLE = {
     2: ((1.0,), 2.0),
     3: ((1.0, 8.0), 3 * math.sqrt(3)),
     4: ((1.0, 4.0, 25.0), 4 * math.sqrt(5)),
@@ -41,9 +41,9 @@ DESIGN_TABLE = {
 }
 
 
-@pytest.mark.parametrize("n", sorted(DESIGN_TABLE))
+@pytest.mark.parametrize("n", sorted(CLOSED_FORM_TABLE))
 def test_cdhold_reproduces_design_table(n):
-    g2, xi = DESIGN_TABLE[n]
+    g2, xi = CLOSED_FORM_TABLE[n]
     lam, g, xi_code = sdes.critical_damping(n)
     assert np.allclose(np.square(g), g2, rtol=1e-12)
     assert math.isclose(xi_code, xi, rel_tol=1e-12)

@@ -39,6 +39,7 @@ def test_committed_notebook_is_clean(name):
     assert code, name
     for cell in code:
         assert cell.outputs == [] and cell.execution_count is None, f"{name}: cell with saved output"
+        assert "sys.path" not in cell.source, f"{name}: notebooks import the installed package"
     assert 'SMALL = os.environ.get("DIFFUSION_JAX_NB_SMALL", "0") == "1"' in code[0].source
     assert 'matplotlib.use("Agg")' in code[0].source
 

@@ -1,4 +1,4 @@
-"""Analyses of sampling dynamics for every linear family (arXiv 2305.19947, DESIGN.md section 5).
+"""Analyses of sampling dynamics for every linear family (arXiv 2305.19947, docs/maths.md section 6).
 
 Modal families (blurring diffusion) are supported by the trajectory geometry and the score deviation; the
 mean-shift view needs one scalar law for every data dimension and rejects them (:mod:`.meanshift`).

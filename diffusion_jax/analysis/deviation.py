@@ -1,4 +1,4 @@
-r"""Empirical score deviation and memorisation (arXiv 2305.19947, DESIGN.md section 5).
+r"""Empirical score deviation and memorisation (arXiv 2305.19947, docs/maths.md section 6).
 
 A trained model D_theta and the optimal denoiser D* of the training set {y_n} (:func:`exact.empirical_denoiser`,
 the posterior mean E[x_0 | u_t] under the empirical distribution) are run by the same sampler from the same

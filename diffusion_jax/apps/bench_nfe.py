@@ -92,8 +92,8 @@ def _parse_value(key: str, text: str) -> Any:
         return low in ("true", "1", "yes")
     try:
         return kind(text)
-    except ValueError:
-        raise ValueError(f"sampler option {key} needs a {kind.__name__}, got {text!r}") from None
+    except ValueError as e:
+        raise ValueError(f"sampler option {key} needs a {kind.__name__}, got {text!r}") from e
 
 
 def parse_sampler(text: str) -> SamplerSpec:
@@ -138,8 +138,8 @@ def parse_nfes(items: str | Iterable[int] | None) -> list[int]:
         items = [s for s in items.split(",") if s.strip()]
     try:
         nfes = sorted({int(v) for v in items})
-    except ValueError:
-        raise ValueError(f"--nfe must be a comma list of integers, got {items!r}") from None
+    except ValueError as e:
+        raise ValueError(f"--nfe must be a comma list of integers, got {items!r}") from e
     if not nfes or nfes[0] < 1:
         raise ValueError(f"NFE budgets must be integers >= 1, got {list(items)!r}")
     return nfes

@@ -87,13 +87,14 @@ class ToyIterator:
 def tfds_source(dataset: str, split: str, data_dir: str, manual_dir: str = ""):
     """A random-access tfds source, preparing the embedded digits set offline when needed."""
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.registered import DatasetNotFoundError
     name = _TFDS_NAMES[dataset]
     if dataset == "digits":
         from diffusion_jax.data import digits
         digits.prepare(data_dir)
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:          # tfds raises several types (DatasetNotFoundError, AssertionError...)
+    except (DatasetNotFoundError, AssertionError, FileNotFoundError) as e:   # what tfds raises for missing data
         if dataset == "celeb_a_hq":
             hint = (f"put the CelebA-HQ files that tfds' celeb_a_hq documents into the manual dir "
                     f"({manual_dir or '<data_dir>/downloads/manual'}) and run `tfds build celeb_a_hq/256 "
@@ -103,7 +104,7 @@ def tfds_source(dataset: str, split: str, data_dir: str, manual_dir: str = ""):
                     f"--file_format array_record` and copy <dir> to {data_dir} (or set "
                     f"config.data.data_dir / TFDS_DATA_DIR)")
         raise FileNotFoundError(f"data set {name!r} (split {split!r}) not found in data_dir "
-                                f"{data_dir!r}: {hint}. ({type(e).__name__}: {e})") from None
+                                f"{data_dir!r}: {hint}") from e
 
 
 class ImageIterator:

@@ -298,8 +298,8 @@ def torch_name(collection: str, path: Tuple[str, ...]) -> str:
     """
     try:
         leaf = _FLAX_TO_TORCH_LEAF[(collection, path[-1])]
-    except KeyError:
-        raise KeyError(f"no torch name for Flax leaf {collection}/{'/'.join(path)}") from None
+    except KeyError as e:
+        raise KeyError(f"no torch name for Flax leaf {collection}/{'/'.join(path)}") from e
     return ".".join(path[:-1] + (leaf,))
 
 

@@ -2,7 +2,7 @@ r"""Likelihoods through the probability-flow ODE, for every linear family, and b
 
 Instantaneous change of variables
 ---------------------------------
-The probability-flow ODE of a family (DESIGN.md section 4) is, on the whole state u in R^{D k}
+The probability-flow ODE of a family (docs/maths.md section 5) is, on the whole state u in R^{D k}
 (D data dimensions, k phase-space coordinates each),
 
     du/dt = f(u, t) = beta(t) [(I_D (x) A) u - 1/2 (I_D (x) Q) s(u, t)],
@@ -159,8 +159,8 @@ def _resolve_t_eps(sde: Family, t_eps: float | None) -> float:
         return sde.t_min
     try:
         t = float(t_eps)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        raise ValueError(f"t_eps must be a concrete number, got {t_eps!r}") from None
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError(f"t_eps must be a concrete number, got {t_eps!r}") from e
     if not (math.isfinite(t) and sde.t_min <= t < sde.T):
         raise ValueError(f"{sde.name}: t_eps must lie in [t_min={sde.t_min}, T={sde.T}) (the range the "
                          f"model is trained on), got {t_eps!r}")

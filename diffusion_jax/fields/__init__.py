@@ -1,4 +1,4 @@
-"""Force-field ODE generative models (DESIGN.md section 5): PFGM++ in the EDM parameterisation.
+"""Force-field ODE generative models (docs/maths.md section 6): PFGM++ in the EDM parameterisation.
 
 :mod:`.pfgmpp`: the PFGM++ perturbation kernel (a Student-t with D degrees of freedom at scale sigma, D -> inf
 is VE/EDM), its sampler and normalised log-density, the EDM-preconditioned denoiser loss, the empirical

@@ -17,8 +17,8 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the network called ``name`` ("mlp" or "ddpmpp") with ``kwargs`` as its fields."""
     try:
         cls = MODELS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+    except KeyError as e:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from e
     return cls(**kwargs)
 
 

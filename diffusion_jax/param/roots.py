@@ -7,7 +7,7 @@ The network predicts eps with u_t = m_t x_0 + K_t eps, so per data dimension
     so  eps = K_t^{-1} (u - m_t D)  and, from eps, the Sigma^{-1}-weighted least-squares
         D = w^T (K_t^{-1} u - eps) / |w|^2,   w = K_t^{-1} m_t.
 
-Two square roots (DESIGN.md section 3):
+Two square roots (docs/maths.md section 4):
 
 * ``"L"``: the Cholesky factor of the core (CLD-SGM).
 * ``"R"`` (gDDIM, default): the solution of dR/dt = (F_t + 1/2 G G^T Sigma_t^{-1}) R with R R^T = Sigma_t.

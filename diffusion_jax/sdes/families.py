@@ -1,4 +1,4 @@
-"""The families of the five papers as small definitions on the linear core (DESIGN.md section 2)."""
+"""The families of the five papers as small definitions on the linear core (docs/maths.md sections 2-3)."""
 from __future__ import annotations
 
 import functools
@@ -176,8 +176,8 @@ def bdm(shape: Sequence[int] = (8, 8, 1), sigma_blur_max: float = 5.0, d_min: fl
     """
     try:
         shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise ValueError(f"bdm: shape must be the data shape (H, W, C) or (D,), got {shape!r}") from None
+    except TypeError as e:
+        raise ValueError(f"bdm: shape must be the data shape (H, W, C) or (D,), got {shape!r}") from e
     _positive("bdm", sigma_blur_max=sigma_blur_max)
     if not (0 < d_min < 1):
         raise ValueError(f"bdm: d_min must lie in (0, 1), got {d_min!r}")

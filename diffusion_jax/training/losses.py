@@ -1,4 +1,4 @@
-r"""Score-matching losses for every linear family, in eps-prediction form (DESIGN.md section 3).
+r"""Score-matching losses for every linear family, in eps-prediction form (docs/maths.md section 4).
 
 The network predicts eps w.r.t. a square root K_t of Sigma_t (K K^T = Sigma_t; ``K="R"``, gDDIM, or
 ``"L"``, Cholesky), i.e. its score is s_theta(u, t) = -K_t^{-T} eps_theta(u, t). Per data dimension:
