@@ -215,23 +215,29 @@ def test_second_derivative_is_exact_for_quadratics():
                                np.broadcast_to(np.linalg.norm(2 * c, axis=-1), (10, 2)), rtol=1e-8)
 
 
+def _info(ts, trajectory=None, denoised=None, denoised_ts=None):
+    from diffusion_jax.samplers import SampleInfo
+    return SampleInfo(nfe=len(ts) - 1, ts=ts, trajectory=trajectory, denoised=denoised, denoised_ts=denoised_ts,
+                      nfe_analysis=0, steps=None, rejected=None)
+
+
 def test_trajectory_helpers_align_times_with_outputs():
     ts = np.linspace(1.0, 0.01, 6)
     traj = np.arange(6 * 2 * 3 * 2, dtype=np.float32).reshape(6, 2, 3, 2)
     den = np.ones((5, 2, 3))
-    t_x, x = analysis.sampling_trajectory(dict(ts=ts, trajectory=traj, denoised=den))
+    t_x, x = analysis.sampling_trajectory(_info(ts, traj, den))
     np.testing.assert_array_equal(x, traj[..., 0])
-    t_d, d = analysis.denoising_trajectory(dict(ts=ts, trajectory=traj, denoised=den))
+    t_d, d = analysis.denoising_trajectory(_info(ts, traj, den))
     np.testing.assert_array_equal(t_d, ts[:5])
     mids = 0.5 * (ts[1:] + ts[:-1])
-    t_d, _ = analysis.denoising_trajectory(dict(ts=ts, trajectory=traj, denoised=den, denoised_ts=mids))
+    t_d, _ = analysis.denoising_trajectory(_info(ts, traj, den, mids))
     np.testing.assert_array_equal(t_d, mids)
     sig, xhat = analysis.edm_view(family("vp"), ts, traj[..., 0])
     m = np.array([family("vp").transition_np(t=t, s=0.0)[0, 0] for t in ts])
     np.testing.assert_allclose(xhat, traj[..., 0] / m[:, None, None], rtol=1e-12)
     assert np.all(np.diff(sig) < 0)
     with pytest.raises(ValueError, match="return_trajectory"):
-        analysis.sampling_trajectory(dict(ts=ts))
+        analysis.sampling_trajectory(_info(ts))
 
 
 # ------------------------------------------------------------------ score deviation and memorisation

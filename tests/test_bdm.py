@@ -152,7 +152,7 @@ def test_gddim_is_exact_on_a_single_point():
     for nfe, order in [(1, 0), (7, 0), (50, 0), (20, 1), (20, 2)]:
         u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=nfe, order=order, output="denoiser",
                          t_end=t_end)
-        assert info["nfe"] == nfe
+        assert info.nfe == nfe
         err = np.abs(np.asarray(u[..., 0], np.float64) - ref).max() / scale
         assert err <= 1e-4, (nfe, order, err)
     # a first-order solver on the same ODE is not exact (blurring makes the drift stiff)

@@ -55,17 +55,13 @@ def test_bench_nfe_cells_nfe_noise_and_resume(tiny_run, tmp_path, monkeypatch, c
     workdir, exp, state = tiny_run
     # Count every network call the samplers make (a host callback inside the jitted solves).
     hits = []
-    eps_fn = Experiment.eps_fn
+    apply = Experiment.apply
 
-    def counting_eps_fn(self, params, train=False, dropout_key=None):
-        fn = eps_fn(self, params, train, dropout_key)
+    def counting_apply(self, params, u, t):
+        jax.debug.callback(lambda: hits.append(1))
+        return apply(self, params, u, t)
 
-        def counted(u, t):
-            jax.debug.callback(lambda: hits.append(1))
-            return fn(u, t)
-        return counted
-
-    monkeypatch.setattr(Experiment, "eps_fn", counting_eps_fn)
+    monkeypatch.setattr(Experiment, "apply", counting_apply)
     calls = []
     real = bench_nfe.sample_cell
 
@@ -192,3 +188,15 @@ def test_bpd_is_exact_for_the_gaussian_reference_model():
     # bits/dim with the 17-level grid: cell width 2/16 in model space, so + log2(8) = + 3 bits
     expected = -logp / (64 * math.log(2)) + 3.0
     np.testing.assert_allclose(res["bpd"], expected, atol=2e-4)
+
+
+def test_bench_nfe_compiles_once_per_cell_over_three_batches(tiny_run, tmp_path):
+    from diffusion_jax.compilation import CompileLog
+    workdir, exp, state = tiny_run
+    with CompileLog() as log:
+        res = bench_nfe.run(workdir, loaded=(exp, state), verbose=False, samplers="gddim,euler", nfes="4",
+                            metric="fd-pixels", n_samples=N - 2, batch=N // 3, seed=5, out=str(tmp_path / "b"),
+                            floor_split=None)
+    assert len(res["computed"]) == 2
+    # 3 batches (8, 8, 6 -> padded to 8) per cell, one compiled sampler per cell
+    assert log.count("sampler_") == 2, log.compiled

@@ -120,7 +120,7 @@ def test_large_d_sampler_matches_ve_edm():
     for aug in (math.inf, 1e7, 64.0):
         fn = lambda x, s, aug=aug: P.empirical_denoiser(data, x, s[0], aug, chunk=8)
         _, info = P.sample(fn, x0, sig, "heun", return_trajectory=True)
-        traj[aug] = np.asarray(info["trajectory"])
+        traj[aug] = np.asarray(info.trajectory)
     # D = 1e7 follows the Gaussian (VE/EDM) ODE to float32 noise (measured 2e-6); D = 64 does not
     assert np.abs(traj[1e7] - traj[math.inf]).max() < 1e-4
     assert np.abs(traj[64.0] - traj[math.inf]).max() > 0.1
@@ -135,9 +135,9 @@ def test_large_d_sampler_matches_ve_edm():
     xa, ia = P.sample(fn, u0[..., 0], levels[:-1], "heun", return_trajectory=True)
     _, ib = P.sample(fn, xa, levels[-2:], "euler", return_trajectory=True)
     ours = np.concatenate([np.asarray(ia["trajectory"]), np.asarray(ib["trajectory"])[1:]])
-    assert ia["nfe"] + ib["nfe"] == info["nfe"] == 23
+    assert ia["nfe"] + ib["nfe"] == info.nfe == 23
     # relative to the initial scale sigma_max = 50 (measured 5e-5 absolute)
-    np.testing.assert_allclose(ours, np.asarray(info["trajectory"])[..., 0], atol=3e-4)
+    np.testing.assert_allclose(ours, np.asarray(info.trajectory)[..., 0], atol=3e-4)
 
 
 # ------------------------------------------------------------------ sampler, grid, loss
@@ -153,14 +153,14 @@ def test_sampler_counts_every_evaluation(method, zero_end):
     x0 = jnp.ones((3, 2))
     x, info = P.sample(fn, x0, sig, method, return_trajectory=True)
     jax.effects_barrier()
-    assert info["nfe"] == len(calls)
+    assert info.nfe == len(calls)
     steps = len(sig) - 1
     expected = steps if method == "euler" else 2 * steps - (1 if zero_end else 0)
-    assert info["nfe"] == expected
-    assert info["trajectory"].shape == (len(sig), 3, 2) and info["denoised"].shape == (steps, 3, 2)
+    assert info.nfe == expected
+    assert info.trajectory.shape == (len(sig), 3, 2) and info.denoised.shape == (steps, 3, 2)
     if zero_end:
         # the final step to sigma = 0 returns the denoiser output of the last noise level
-        np.testing.assert_allclose(np.asarray(x), 0.5 * np.asarray(info["trajectory"][-2]), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(x), 0.5 * np.asarray(info.trajectory[-2]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("method,order", [("euler", 1), ("heun", 2)])
@@ -210,7 +210,7 @@ def test_toy_model_trains_and_samples_near_the_ring():
     sig = P.edm_sigmas(18, 0.002, 10.0)
     x0 = P.prior_sample(jax.random.PRNGKey(1), (1000, 2), 10.0, 128.0)
     x, info = P.sample(res.denoiser(res.params), x0, sig, "heun")
-    assert info["nfe"] == 35
+    assert info.nfe == 35
     dist = np.linalg.norm(np.asarray(x)[:, None] - centres[None], axis=-1)
     # mean distance to the nearest ring centre: training data 0.124 (component std 0.1), measured 0.13
     assert dist.min(1).mean() < 0.2

@@ -48,7 +48,7 @@ def test_gddim_with_R_is_exact_on_a_single_point_and_L_is_not(name, params):
     for nfe, order in [(1, 0), (7, 0), (50, 0), (20, 1)]:
         u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=nfe, order=order, output="denoiser",
                          K="R", t_end=T_END)
-        assert info["nfe"] == nfe
+        assert info.nfe == nfe
         err = np.abs(np.asarray(u, np.float64) - ref).max() / scale
         assert err <= 1e-4, (nfe, order, err)
     if sde.order > 1:
@@ -85,7 +85,7 @@ def test_convergence_orders_on_exact_mixture_scores():
 
 
 def test_diffrax_nfe_formula_matches_counted_evaluations():
-    """info['nfe'] equals the number of times fn actually ran (counted by a host callback)."""
+    """info.nfe equals the number of times fn actually ran (counted by a host callback)."""
     sde = sdes.make("cld")
     counter = {"n": 0}
 
@@ -103,9 +103,9 @@ def test_diffrax_nfe_formula_matches_counted_evaluations():
                         ("gddim", 5), ("sscs", 4), ("edm_heun", 9), ("euler_maruyama", 5)]:
         counter["n"] = 0
         _, info = sample(sde, fn, u0, method=method, nfe=nfe, key=jax.random.PRNGKey(1), rtol=1e-4, atol=1e-4)
-        assert counter["n"] == info["nfe"], (method, counter["n"], info["nfe"])
+        assert counter["n"] == info.nfe, (method, counter["n"], info.nfe)
         if nfe is not None:
-            assert info["nfe"] <= nfe
+            assert info.nfe <= nfe
 
 
 def test_trajectory_and_denoiser_outputs():
@@ -113,9 +113,9 @@ def test_trajectory_and_denoiser_outputs():
     u0 = prior_init(sde, jax.random.PRNGKey(0), 2, (3,))
     u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=6, order=1, output="denoiser",
                      return_trajectory=True)
-    assert info["trajectory"].shape == (7, 2, 3, 3) and info["denoised"].shape == (6, 2, 3)
-    assert np.allclose(info["trajectory"][0], u0) and np.allclose(info["trajectory"][-1], u)
-    assert np.allclose(info["denoised"], X_STAR, atol=1e-3)
+    assert info.trajectory.shape == (7, 2, 3, 3) and info.denoised.shape == (6, 2, 3)
+    assert np.allclose(info.trajectory[0], u0) and np.allclose(info.trajectory[-1], u)
+    assert np.allclose(info.denoised, X_STAR, atol=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "quadratic", "logsnr", "edm"])

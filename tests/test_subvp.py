@@ -63,7 +63,7 @@ def test_gddim_is_exact_on_a_single_point(nfe):
     exact_end = np.exp(-0.5 * _B(t_end)) * x_star - np.expm1(-_B(t_end)) * eps
     fn = lambda u, t: jnp.full(u.shape[:-1], x_star, u.dtype)
     u, info = sample(sde, fn, u0, method="gddim", nfe=nfe, order=0, output="denoiser", t_end=t_end)
-    assert info["nfe"] == nfe
+    assert info.nfe == nfe
     err = np.abs(np.asarray(u, np.float64) - exact_end).max() / np.abs(exact_end).max()
     assert err <= 1e-4, err
     u_e, _ = sample(sde, fn, u0, method="euler", nfe=nfe, output="denoiser", t_end=t_end)

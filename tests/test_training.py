@@ -187,3 +187,16 @@ def test_bfloat16_compute_and_periodic_samples(tmp_path):
     assert (tmp_path / "samples" / "step_00000004.png").exists()
     leaves = jax.tree_util.tree_leaves(out["state"].params)
     assert all(leaf.dtype == np.float32 for leaf in leaves)        # bf16 compute, float32 parameters
+
+
+def test_periodic_sampling_compiles_once(tmp_path):
+    """Three periodic samples during training (new EMA parameters each time): one compiled sampler."""
+    from diffusion_jax.compilation import CompileLog
+    c = _toy("toy2d_cld.py", training__num_steps=6, training__ckpt_every=6, training__log_every=2,
+             training__sample_every=2, training__batch_size=64)
+    c.sampling.nfe = 5
+    c.sampling.num_samples = 16
+    with CompileLog() as log:
+        train(c, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "samples")) == [f"step_0000000{i}.png" for i in (2, 4, 6)]
+    assert log.count("sampler_") == 1, log.compiled

@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from diffusion_jax import exact
-from diffusion_jax.param import Model, SquareRoot
+from diffusion_jax.param import Model, SquareRoot, square_root, with_params
 from diffusion_jax.samplers import sample
 from diffusion_jax.samplers.grids import noise_level
 from diffusion_jax.sdes.base import Family
@@ -41,44 +41,68 @@ Array = Any
 __all__ = ["empirical_denoiser_fn", "denoiser_along", "score_deviation", "nearest_neighbors"]
 
 
-def empirical_denoiser_fn(sde: Family, data: Array, chunk: int = 1024) -> Callable[[Array, Array], Array]:
-    """``fn(u, t_batch)`` -> D*(u, t), shape (batch, *data), for ``samplers.sample(..., output="denoiser")``.
+@functools.lru_cache(maxsize=32)
+def empirical_denoiser_apply(sde: Family, chunk: int = 1024) -> Callable[[Array, Array, Array], Array]:
+    """``apply(data, u, t_batch)`` -> D*(u, t) of the data set ``data`` (n, *data_shape), shape (batch, *data).
 
-    ``data`` has shape (n, *data_shape); u has shape (batch, *data_shape, k) and t_batch (batch,).
-    Each example calls :func:`exact.empirical_denoiser` (vmapped) on its state flattened to (d, k), streaming
-    the data in ``chunk`` rows (a modal family's basis change happens inside, on the family's data shape).
+    The data set is an argument (like a network's parameters), so one compiled sampler serves any data set
+    of a given shape and no data is lowered as a constant. Each example calls :func:`exact.empirical_denoiser`
+    (vmapped) on its state flattened to (d, k), streaming the data in ``chunk`` rows (a modal family's basis
+    change happens inside, on the family's data shape).
     """
-    data = jnp.asarray(data)
-    if data.ndim < 2:
-        raise ValueError(f"data must have shape (n, *data_shape), got {data.shape}")
-    data_shape = data.shape[1:]
-    flat = data.reshape(data.shape[0], -1)
     k = sde.order
 
-    def fn(u: Array, t: Array) -> Array:
+    def apply(data: Array, u: Array, t: Array) -> Array:
+        data_shape = data.shape[1:]
         if u.shape[1:] != data_shape + (k,):
             raise ValueError(f"u must have shape (batch, *{data_shape}, {k}), got {u.shape}")
+        flat = data.reshape(data.shape[0], -1)
         uf = u.reshape(u.shape[0], -1, k)
         out = jax.vmap(lambda uu, tt: exact.empirical_denoiser(sde, flat, uu, tt, chunk))(uf, t)
         return out.reshape(u.shape[:-1]).astype(u.dtype)
 
-    return fn
+    return apply
+
+
+def _as_data(data: Array) -> Array:
+    data = jnp.asarray(data)
+    if data.ndim < 2:
+        raise ValueError(f"data must have shape (n, *data_shape), got {data.shape}")
+    return data
+
+
+def empirical_denoiser_fn(sde: Family, data: Array, chunk: int = 1024) -> Callable[[Array, Array], Array]:
+    """``fn(u, t_batch)`` -> D*(u, t) for ``samplers.sample(..., output="denoiser")`` (a convenience closure of
+    :func:`empirical_denoiser_apply` over ``data``; pass ``params=data`` to that one to compile once)."""
+    data = _as_data(data)
+    apply = empirical_denoiser_apply(sde, chunk)
+    return lambda u, t: apply(data, u, t)
+
+
+@functools.lru_cache(maxsize=64)
+def _denoiser_run(sde: Family, apply: Callable, output: str, kind: str) -> Callable:
+    sqrt = square_root(sde, kind)
+
+    def run(params, tr, tt):
+        model = Model(sde, lambda u, t: apply(params, u, t), output, sqrt)
+        return lax.map(lambda a: model.all(a[0], a[1])[2], (tr, tt))
+    return jax.jit(run)
 
 
 def denoiser_along(sde: Family, fn: Callable, traj: Array, ts: Array, output: str = "eps",
-                   K: str | SquareRoot = "R") -> Array:
+                   K: str | SquareRoot = "R", params: Any = None) -> Array:
     """D(u_{t_i}, t_i) for every state of a trajectory (N+1, batch, *data, k): shape (N+1, batch, *data).
 
-    ``fn`` returns ``output`` ("eps" w.r.t. ``K``, "score" or "denoiser"); one evaluation per time point,
-    run sequentially (``lax.map``) so memory stays that of one batch.
+    ``fn(u, t)`` (or ``fn(params, u, t)`` with ``params``) returns ``output`` ("eps" w.r.t. ``K``, "score" or
+    "denoiser"); one evaluation per time point, run sequentially (``lax.map``) so memory stays that of one batch.
     """
-    model = Model(sde, fn, output, K)
     traj = jnp.asarray(traj)
     ts = jnp.asarray(np.asarray(ts, np.float64), traj.dtype)
     if ts.shape != traj.shape[:1]:
         raise ValueError(f"{traj.shape[0]} states but {ts.shape[0]} times")
-    run = jax.jit(lambda tr, tt: lax.map(lambda a: model.all(a[0], a[1])[2], (tr, tt)))
-    return run(traj, ts)
+    apply = fn if params is not None else with_params(fn)
+    kind = K.kind if isinstance(K, SquareRoot) else K
+    return _denoiser_run(sde, apply, output, kind)(params, traj, ts)
 
 
 def _norm(a: Array) -> np.ndarray:
@@ -88,10 +112,10 @@ def _norm(a: Array) -> np.ndarray:
 
 def score_deviation(sde: Family, learned_fn: Callable, data: Array, u_init: Array, *, method: str,
                     nfe: int | None = None, output: str = "eps", K: str | SquareRoot = "R", chunk: int = 1024,
-                    **sample_kwargs: Any) -> dict[str, Any]:
+                    learned_params: Any = None, **sample_kwargs: Any) -> dict[str, Any]:
     """Learned versus optimal sampling from the same ``u_init``: the four distances of the module docstring.
 
-    ``learned_fn`` returns ``output`` (w.r.t. ``K``); the optimal model is :func:`empirical_denoiser_fn` of
+    ``learned_fn(u, t)`` (or ``learned_fn(params, u, t)`` with ``learned_params``) returns ``output`` (w.r.t. ``K``); the optimal model is :func:`empirical_denoiser_fn` of
     ``data`` (n, *data). Both runs use :func:`samplers.sample` with ``method``, ``nfe`` and ``sample_kwargs``
     (pass ``key`` for stochastic samplers: both runs then see the same noise). All denoisers are evaluated
     afresh at the N+1 trajectory times (both models on both paths: 2 (N+1) evaluations of a doubled batch
@@ -104,20 +128,21 @@ def score_deviation(sde: Family, learned_fn: Callable, data: Array, u_init: Arra
     denoiser outputs ``D_learned``/``D_optimal`` along their own paths, the final samples (data coordinate)
     ``x_learned``/``x_optimal``, and ``nfe`` (sampling cost of each run).
     """
-    opt_fn = empirical_denoiser_fn(sde, data, chunk)
-    _, info_l = sample(sde, learned_fn, u_init, method=method, nfe=nfe, output=output, K=K,
+    data = _as_data(data)
+    opt_apply = empirical_denoiser_apply(sde, chunk)
+    _, info_l = sample(sde, learned_fn, u_init, method=method, nfe=nfe, params=learned_params, output=output, K=K,
                        return_trajectory=True, **sample_kwargs)
-    _, info_o = sample(sde, opt_fn, u_init, method=method, nfe=nfe, output="denoiser", K=K,
+    _, info_o = sample(sde, opt_apply, u_init, method=method, nfe=nfe, params=data, output="denoiser", K=K,
                        return_trajectory=True, **sample_kwargs)
-    ts = np.asarray(info_l["ts"], np.float64)
-    if not np.allclose(ts, np.asarray(info_o["ts"], np.float64)):
+    ts = np.asarray(info_l.ts, np.float64)
+    if not np.allclose(ts, np.asarray(info_o.ts, np.float64)):
         raise RuntimeError("the two runs saved their trajectories at different times")
-    tr_l, tr_o = info_l["trajectory"], info_o["trajectory"]
+    tr_l, tr_o = info_l.trajectory, info_o.trajectory
     # both paths side by side in the batch: one compiled evaluation per model
     both = jnp.concatenate([tr_l, tr_o], axis=1)
     b = tr_l.shape[1]
-    d_learned = np.asarray(denoiser_along(sde, learned_fn, both, ts, output, K))
-    d_opt = np.asarray(denoiser_along(sde, opt_fn, both, ts, "denoiser", K))
+    d_learned = np.asarray(denoiser_along(sde, learned_fn, both, ts, output, K, params=learned_params))
+    d_opt = np.asarray(denoiser_along(sde, opt_apply, both, ts, "denoiser", K, params=data))
     dl_l, dl_o = d_learned[:, :b], d_learned[:, b:]                  # D_theta(u^theta), D_theta(u*)
     do_l, do_o = d_opt[:, :b], d_opt[:, b:]                          # D*(u^theta), D*(u*)
     return dict(
@@ -130,7 +155,7 @@ def score_deviation(sde: Family, learned_fn: Callable, data: Array, u_init: Arra
         traj_learned=np.asarray(tr_l), traj_optimal=np.asarray(tr_o),
         D_learned=np.asarray(dl_l), D_optimal=np.asarray(do_o),
         x_learned=np.asarray(tr_l)[-1, ..., 0], x_optimal=np.asarray(tr_o)[-1, ..., 0],
-        nfe=dict(learned=info_l["nfe"], optimal=info_o["nfe"]), nfe_analysis=2 * len(ts))
+        nfe=dict(learned=info_l.nfe, optimal=info_o.nfe), nfe_analysis=2 * len(ts))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

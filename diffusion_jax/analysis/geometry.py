@@ -55,31 +55,31 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ trajectories from sampler output
-def _require(info: dict, key: str) -> None:
-    if key not in info:
+def _require(info: Any, key: str) -> None:
+    if getattr(info, key) is None:
         raise ValueError(f"sampler info has no {key!r}: call samplers.sample(..., return_trajectory=True)")
 
 
-def sampling_trajectory(info: dict) -> tuple[np.ndarray, np.ndarray]:
+def sampling_trajectory(info: Any) -> tuple[np.ndarray, np.ndarray]:
     """(ts, x): grid times (N+1,) and data coordinates x_t = u_t[..., 0], shape (N+1, batch, *data)."""
     _require(info, "trajectory")
-    traj = np.asarray(info["trajectory"], np.float64)
-    return np.asarray(info["ts"], np.float64), traj[..., 0]
+    traj = np.asarray(info.trajectory, np.float64)
+    return np.asarray(info.ts, np.float64), traj[..., 0]
 
 
-def denoising_trajectory(info: dict) -> tuple[np.ndarray, np.ndarray]:
+def denoising_trajectory(info: Any) -> tuple[np.ndarray, np.ndarray]:
     """(ts_D, D): the times of the denoiser outputs and D(u_t, t), shape (len(ts_D), batch, *data).
 
     Samplers differ in where they evaluate the network: the diffrax methods at all N+1 grid times, gDDIM and
-    EDM-Heun at the N step starts t_0..t_{N-1}, SSCS at the step midpoints (``info["denoised_ts"]``).
+    EDM-Heun at the N step starts t_0..t_{N-1}, SSCS at the step midpoints (``info.denoised_ts``). ``info`` is the :class:`~diffusion_jax.samplers.SampleInfo` of a sampler run.
     The returned times always match the returned outputs.
     """
     _require(info, "denoised")
-    den = np.asarray(info["denoised"], np.float64)
-    if "denoised_ts" in info:
-        ts = np.asarray(info["denoised_ts"], np.float64)
+    den = np.asarray(info.denoised, np.float64)
+    if info.denoised_ts is not None:
+        ts = np.asarray(info.denoised_ts, np.float64)
     else:
-        ts = np.asarray(info["ts"], np.float64)[: den.shape[0]]
+        ts = np.asarray(info.ts, np.float64)[: den.shape[0]]
     if ts.shape[0] != den.shape[0]:
         raise ValueError(f"{den.shape[0]} denoiser outputs but {ts.shape[0]} times")
     return ts, den

@@ -270,7 +270,7 @@ def _figures(out_dir: str, sde: Family, method: str, nfe: int, data_shape: tuple
 def analyze(sde: Family, learned_fn: Callable, train_data: Array, heldout: Array, out_dir: str, *,
             output: str = "eps", K: str | SquareRoot = "R", n: int = 64, nfe: int | None = 50, method: str = "gddim",
             seed: int = 0, chunk: int = 1024, meta: dict | None = None,
-            sampler_kwargs: dict | None = None, plots: bool = True) -> dict[str, Any]:
+            sampler_kwargs: dict | None = None, plots: bool = True, learned_params: Any = None) -> dict[str, Any]:
     """The report for a model ``learned_fn`` (returning ``output`` w.r.t. ``K``) of data like ``train_data``.
 
     ``train_data`` (n_train, *data) defines the optimal denoiser and the memorisation reference; ``heldout``
@@ -297,7 +297,7 @@ def analyze(sde: Family, learned_fn: Callable, train_data: Array, heldout: Array
     u_init = prior_init(sde, jax.random.PRNGKey(seed), int(n), data_shape)
 
     res = score_deviation(sde, learned_fn, train_data, u_init, method=method, nfe=nfe, output=output, K=K,
-                          chunk=chunk, **kwargs)
+                          chunk=chunk, learned_params=learned_params, **kwargs)
     ts, sigma = np.asarray(res["ts"]), np.asarray(res["sigma"])
     sigma_data = float(np.std(train_data))
     large = sigma > sigma_data
@@ -486,5 +486,5 @@ def run(workdir: str, out_dir: str, *, n: int = 64, nfe: int = 50, method: str =
         heldout = load_split(config, config.data.eval_split, heldout_limit)
     meta = dict(workdir=os.path.abspath(workdir), step=int(np.asarray(state.step)), params=which,
                 dataset=config.data.dataset + (f"/{config.data.toy_name}" if config.data.dataset == "toy2d" else ""))
-    return analyze(exp.sde, exp.eps_fn(params), train_data, heldout, out_dir, output="eps", K=exp.sqrt, n=n,
+    return analyze(exp.sde, exp.apply, train_data, heldout, out_dir, output="eps", K=exp.sqrt, n=n, learned_params=params,
                    nfe=nfe, method=method, seed=seed, chunk=chunk, meta=meta, sampler_kwargs=sampler_kwargs)

@@ -46,11 +46,14 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.param import Model
+from diffusion_jax import samplers
 from diffusion_jax.training.state import pick_ema
-from diffusion_jax.samplers import DIFFRAX_ADAPTIVE, METHODS, STOCHASTIC, prior_init, sample
+from diffusion_jax.samplers import DIFFRAX_ADAPTIVE, METHODS, prior_init
+from diffusion_jax.samplers.plan import check_options
+from diffusion_jax.sharding import data_mesh, shard_batch
 
 Array = Any
 
@@ -165,39 +168,37 @@ def noise_fingerprint(noise: Sequence[Array]) -> str:
     return h.hexdigest()[:16]
 
 
-def make_denoiser(exp: Any, fn: Callable) -> Callable[[Array], Array]:
-    """The final denoising step D(u, t_min) = E[x_0 | u] of ``fn`` as one jitted function, so that it
-    compiles once per benchmark rather than once per cell (what ``sample(..., denoise_final=True)`` does)."""
-    model = Model(exp.sde, fn, "eps", exp.sqrt)
-    t_end = exp.sde.t_min
-    return jax.jit(lambda u: model.all(u, t_end)[2])
-
-
-def sample_cell(exp: Any, fn: Callable, noise: Sequence[Array], spec: SamplerSpec, nfe: int,
-                seed: int, denoiser: Callable[[Array], Array] | None = None) -> tuple[np.ndarray, int]:
+def sample_cell(exp: Any, params: Any, noise: Sequence[Array], spec: SamplerSpec, nfe: int, seed: int,
+                progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, int]:
     """Samples (n, *data) in model space from the fixed ``noise`` batches and the exact NFE per sample.
 
-    Every batch ends with the denoising step (one evaluation, counted): ``denoiser`` (from
-    :func:`make_denoiser` with the same ``fn``) or, if None, the sampler's own ``denoise_final``.
-    Stochastic samplers draw their noise from ``fold_in(PRNGKey(seed), 1)`` folded with the batch index.
+    One compiled sampler (``samplers.compile``, params as an argument) serves every batch of the cell; a short
+    last batch is padded to the batch shape so it does not recompile. Every batch ends with the denoising step
+    D(u, t_min) (one evaluation, counted). Stochastic samplers draw their noise from
+    ``fold_in(PRNGKey(seed), 1)`` folded with the batch index. ``progress`` receives a line per batch with the ETA.
     """
-    kwargs = spec.kwargs
-    kwargs.setdefault("K", exp.sqrt)
-    lam = kwargs.get("lam", 1.0 if spec.method == "sscs" else 0.0)
-    stochastic = spec.method in STOCHASTIC or (spec.method in ("gddim", "sscs") and lam > 0)
+    draw = samplers.compile(exp.sde, exp.apply, method=spec.method, nfe=None if spec.adaptive else int(nfe),
+                            output="eps", K=exp.sqrt, denoise_final=True, **spec.kwargs)
     base = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    full = max(int(u.shape[0]) for u in noise)
     out, counts = [], set()
+    t0 = time.perf_counter()
+    done, total = 0, sum(int(u.shape[0]) for u in noise)
     for i, u0 in enumerate(noise):
-        if stochastic:
-            kwargs["key"] = jax.random.fold_in(base, i)
-        u, info = sample(exp.sde, fn, u0, method=spec.method, nfe=None if spec.adaptive else int(nfe),
-                         output="eps", denoise_final=denoiser is None, **kwargs)
-        if denoiser is None:
-            out.append(np.asarray(u[..., 0]))
-            counts.add(int(info["nfe"]))
+        m = int(u0.shape[0])
+        if m < full:
+            u0 = jnp.concatenate([u0, jnp.zeros((full - m,) + tuple(u0.shape[1:]), u0.dtype)])
+        res = draw(params, shard_batch(u0), jax.random.fold_in(base, i) if draw.stochastic else None)
+        out.append(np.asarray(res.u[:m, ..., 0]))
+        if spec.adaptive:          # FSAL RK: 1 + 6 per attempted step, + the final denoising evaluation
+            counts.add(1 + 6 * (int(res.stats[0]) + int(res.stats[1])) + 1)
         else:
-            out.append(np.asarray(denoiser(u)))
-            counts.add(int(info["nfe"]) + 1)
+            counts.add(draw.nfe)
+        done += m
+        if progress is not None:
+            el = time.perf_counter() - t0
+            progress(f"    {spec.label} NFE {nfe}: batch {i + 1}/{len(noise)}, {done}/{total} samples, "
+                     f"{el:.1f} s, ETA {el / done * (total - done):.1f} s")
     # Fixed-step counts are equal across batches; an adaptive solve may differ: report the largest.
     return np.concatenate(out), max(counts)
 
@@ -221,15 +222,18 @@ def feature_space(metric: str, fid_weights: str | None = None) -> Any:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
     if metric == "fid":
-        return inception_feature_space(fid_weights)
+        n = jax.device_count()                  # features batch-parallel over every device
+        return inception_feature_space(fid_weights, batch_size=50 * n, mesh=data_mesh() if n > 1 else None)
     return PIXELS
 
 
 def build_metric(metric: str, space: Any, reference_images: Callable[[], np.ndarray], cache_path: str,
-                 kid_subset_size: int = 1000, kid_subsets: int = 100) -> Metric:
+                 kid_subset_size: int = 1000, kid_subsets: int = 100, published: bool = False,
+                 chunk: int = 500) -> Metric:
     """The metric with its reference cached at ``cache_path`` (statistics for Frechet distances, the
     features themselves for KID). ``reference_images()`` ([0, 1] images) is only called on a cache miss."""
-    from diffusion_jax.evaluation import compute_reference_statistics, kid_from_features
+    from diffusion_jax.evaluation import (StreamingStatistics, compute_reference_statistics, frechet_distance,
+                                          kid_from_features, load_published_statistics)
     if metric.startswith("kid"):
         if os.path.exists(cache_path):
             with np.load(cache_path, allow_pickle=False) as z:
@@ -250,11 +254,22 @@ def build_metric(metric: str, space: Any, reference_images: Callable[[], np.ndar
             return mean, std
         return Metric(space.kid_name, space.name, evaluate, cache_path, int(ref.shape[0]))
 
-    stats = compute_reference_statistics(cache_path, lambda: space.extract(reference_images()),
-                                         feature_space=space.name)
+    if published:
+        stats = load_published_statistics(cache_path, space.name)
+        if stats.feature_space != space.name:
+            raise ValueError(f"{cache_path} holds statistics in feature space {stats.feature_space!r}, "
+                             f"not {space.name!r}")
+    else:
+        stats = compute_reference_statistics(cache_path, lambda: space.extract(reference_images()),
+                                             feature_space=space.name)
 
     def evaluate(images: np.ndarray) -> tuple[float, float | None]:
-        return stats.frechet_distance(space.extract(images)), None
+        # features streamed in chunks into float64 running statistics: no need to hold them all
+        acc = StreamingStatistics()
+        for i in range(0, len(images), chunk):
+            acc.update(space.extract(images[i:i + chunk]))
+        mu, sigma = acc.statistics()
+        return frechet_distance(mu, sigma, stats.mu, stats.sigma), None
     return Metric(space.fd_name, space.name, evaluate, cache_path, stats.num_samples)
 
 
@@ -390,6 +405,10 @@ def run(workdir: str, samplers: str | Iterable[str] | None = None, nfes: str | I
         raise ValueError(f"n_samples must be an integer >= 2 (a covariance needs 2), got {n_samples!r}")
     if batch is not None and batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    for spec in specs:                                  # inapplicable sampler options: fail before loading anything
+        opts = {k: v for k, v in spec.kwargs.items() if k not in samplers.COMMON_OPTIONS}
+        for budget in ([None] if spec.adaptive else budgets):
+            check_options(spec.method, budget, opts)
     space = feature_space(metric, fid_weights)          # FID: fails here when the weights are missing
 
     from diffusion_jax.data import load_split, to_image_space
@@ -406,7 +425,8 @@ def run(workdir: str, samplers: str | Iterable[str] | None = None, nfes: str | I
     ref_split = cfg.data.split
     cache = ref or os.path.join(out, f"ref_{space.name}_{'feat' if metric.startswith('kid') else 'stats'}_"
                                      f"{ref_split}.npz")
-    met = build_metric(metric, space, lambda: to_image_space(load_split(cfg, ref_split)), cache)
+    met = build_metric(metric, space, lambda: to_image_space(load_split(cfg, ref_split)), cache,
+                       published=ref is not None and os.path.exists(ref) and not metric.startswith("kid"))
     say(f"bench-nfe: run {workdir} (step {step}, EMA {ema_key}, family {exp.sde.name}); metric {met.name} "
         f"vs {ref_split} split ({met.reference_count} images, cached {met.reference_path})", flush=True)
 
@@ -435,8 +455,6 @@ def run(workdir: str, samplers: str | Iterable[str] | None = None, nfes: str | I
 
     noise = initial_noise(exp, seed, n_samples, batch)
     sha = noise_fingerprint(noise)
-    fn = exp.eps_fn(params, train=False)
-    denoiser = make_denoiser(exp, fn)
     for spec in specs:
         for budget in ([0] if spec.adaptive else budgets):
             probe = dict(base, sampler=spec.label, nfe_budget=budget, noise_sha=sha)
@@ -447,7 +465,8 @@ def run(workdir: str, samplers: str | Iterable[str] | None = None, nfes: str | I
                     f"NFE {r['nfe']}), skipped", flush=True)
                 continue
             t0 = time.perf_counter()
-            x, nfe = sample_cell(exp, fn, noise, spec, budget, seed, denoiser)
+            x, nfe = sample_cell(exp, params, noise, spec, budget, seed,
+                                 progress=(lambda line: say(line, flush=True)) if len(noise) > 1 else None)
             seconds = time.perf_counter() - t0
             if not np.all(np.isfinite(x)):
                 say(f"  warning: {spec.label} at NFE {budget} produced non-finite samples", flush=True)
@@ -482,8 +501,44 @@ def run(workdir: str, samplers: str | Iterable[str] | None = None, nfes: str | I
                 metric=met.name, floor=floor_row, ema=ema_key, step=step, noise_sha=sha, out=out)
 
 
-__all__ = ["run", "SamplerSpec", "parse_sampler", "parse_samplers", "parse_nfes", "initial_noise",
-           "noise_fingerprint", "make_denoiser", "sample_cell", "feature_space", "build_metric", "read_results",
+
+def run_protocol(workdir: str, seeds: Sequence[int], **kwargs: Any) -> dict:
+    """The field's evaluation protocol: the benchmark for several seed sets (each its own initial noise and
+    sampler noise), then per (sampler, NFE) the minimum and the mean +- std over seeds, as EDM reports FID
+    (50k samples, three seed sets, the minimum and the spread). Writes ``protocol.md`` beside ``results.csv``."""
+    seeds = [int(v) for v in seeds]
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"the protocol needs at least two distinct seeds, got {seeds}")
+    runs = [run(workdir, seed=seed, **kwargs) for seed in seeds]
+    cells: dict[tuple[str, int], list[float]] = {}
+    nfe_of: dict[tuple[str, int], str] = {}
+    for res in runs:
+        for r in res["rows"]:
+            if r["sampler"].startswith(FLOOR_PREFIX):
+                continue
+            key = (r["sampler"], int(r["nfe_budget"]))
+            cells.setdefault(key, []).append(float(r["value"]))
+            nfe_of[key] = r["nfe"]
+    metric = runs[0]["metric"]
+    lines = [f"# bench-nfe protocol: {workdir}", "",
+             f"metric `{metric}`, seeds {seeds}, {kwargs.get('n_samples', 1000)} samples per cell and seed; "
+             f"min and mean +- std (ddof 1) over seeds.", "",
+             f"| sampler | NFE budget | exact NFE | min {metric} | mean +- std |", "|---|---|---|---|---|"]
+    summary = {}
+    for (label, budget), vals in sorted(cells.items()):
+        v = np.asarray(vals)
+        summary[(label, budget)] = dict(min=float(v.min()), mean=float(v.mean()),
+                                        std=float(v.std(ddof=1)) if len(v) > 1 else float("nan"), n=len(v))
+        lines.append(f"| {label} | {budget} | {nfe_of[(label, budget)]} | {v.min():.4g} | "
+                     f"{v.mean():.4g} +- {summary[(label, budget)]['std']:.2g} |")
+    path = os.path.join(runs[0]["out"], "protocol.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return dict(summary=summary, markdown=path, runs=runs)
+
+__all__ = ["run", "run_protocol", "SamplerSpec", "parse_sampler", "parse_samplers", "parse_nfes", "initial_noise",
+           "noise_fingerprint", "sample_cell", "feature_space", "build_metric", "read_results",
            "write_markdown", "plot_results", "METRICS", "CSV_FIELDS"]
 
 
@@ -498,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="fd-pixels", choices=("fid", "fd-pixels", "kid-pixels"))
     p.add_argument("--n-samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (shared by every cell)")
+    p.add_argument("--seeds", default=None,
+                   help="comma list of seeds: the protocol (each seed set, then min and mean +- std), e.g. 0,1,2")
     p.add_argument("--ema", default=None, help="EMA rate to use (default: the largest in the run)")
     p.add_argument("--out", default=None, help="output folder (default RUN/bench_nfe)")
     p.add_argument("--batch", type=int, default=None, help="sampling batch (default: all samples at once)")
@@ -507,7 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor-split", default="test",
                    help="held-out split measured against the reference as the floor ('' to skip)")
     a = p.parse_args(argv)
-    run(a.workdir, samplers=a.samplers, nfes=a.nfe, metric=a.metric, n_samples=a.n_samples, seed=a.seed,
-        ema=a.ema, out=a.out, batch=a.batch, ref=a.ref, fid_weights=a.fid_weights,
-        floor_split=a.floor_split or None)
+    kw = dict(samplers=a.samplers, nfes=a.nfe, metric=a.metric, n_samples=a.n_samples, ema=a.ema, out=a.out,
+              batch=a.batch, ref=a.ref, fid_weights=a.fid_weights, floor_split=a.floor_split or None)
+    if a.seeds:
+        run_protocol(a.workdir, [int(v) for v in a.seeds.split(",") if v.strip()], **kw)
+    else:
+        run(a.workdir, seed=a.seed, **kw)
     return 0

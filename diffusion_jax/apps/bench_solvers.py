@@ -66,7 +66,7 @@ def run(out_dir: str, families=None, samplers=None, nfes=NFES, n_samples: int = 
         start = time.perf_counter()
         ref, info = sample(sde, fn, u0, method="dopri5", rtol=1e-7, atol=1e-7, t_end=t_end, max_steps=100_000)
         ref = np.asarray(ref[..., 0], np.float64)
-        print(f"[{fam}] reference: dopri5 nfe={info['nfe']} in {time.perf_counter() - start:.1f} s; "
+        print(f"[{fam}] reference: dopri5 nfe={info.nfe} in {time.perf_counter() - start:.1f} s; "
               f"SW(reference, data) = {sliced_wasserstein(ref, true):.4f}", flush=True)
         fig, ax = plt.subplots(figsize=(7, 5))
         for sname in samplers:
@@ -87,12 +87,12 @@ def run(out_dir: str, families=None, samplers=None, nfes=NFES, n_samples: int = 
                 ok = bool(np.all(np.isfinite(x)))
                 err = float(np.mean(np.linalg.norm(x - ref, axis=1))) if ok else float("nan")
                 sw = sliced_wasserstein(x, true) if ok else float("nan")
-                row = dict(family=fam, sampler=sname, nfe_requested=nfe, nfe=info["nfe"],
+                row = dict(family=fam, sampler=sname, nfe_requested=nfe, nfe=info.nfe,
                            mean_l2_to_reference=err, sliced_w2_to_data=sw,
                            seconds=time.perf_counter() - start)
                 rows.append(row)
-                errs.append((info["nfe"], sw if sname in STOCHASTIC else err))
-                print(f"  {sname:16s} nfe={info['nfe']:5d}  L2 to ref {err:.3e}  SW to data {sw:.4f}", flush=True)
+                errs.append((info.nfe, sw if sname in STOCHASTIC else err))
+                print(f"  {sname:16s} nfe={info.nfe:5d}  L2 to ref {err:.3e}  SW to data {sw:.4f}", flush=True)
             if errs:
                 xs, ys = zip(*errs)
                 ax.loglog(xs, ys, "o-" if sname not in STOCHASTIC else "x--", label=sname, ms=3)

@@ -90,7 +90,8 @@ def bits_per_dim_of(exp: Any, params: Any, x_model: np.ndarray, key: Array, *, l
         x = x_model
     else:
         x = np.asarray(dequantize(k_deq, to_levels(x_model, levels), levels), np.float32)
-    fn = fn if fn is not None else exp.eps_fn(params, train=False)
+    # the network's parameters enter the compiled solve as an argument: one compile for every batch
+    apply, fn_params = (fn, None) if fn is not None else (exp.apply, params)
     batch = min(batch, n)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("logp", "logp_state", "log_q_aux", "nfe", "u_eps",
                                                             "u_T")}
@@ -99,7 +100,8 @@ def bits_per_dim_of(exp: Any, params: Any, x_model: np.ndarray, key: Array, *, l
         m = min(batch, n - start)
         idx = np.arange(start, start + batch)
         idx = np.where(idx < n, idx, start + (idx - start) % m)       # pad by repeating this batch's rows
-        res = log_likelihood(exp.sde, fn, jnp.asarray(x[idx]), key=jax.random.fold_in(k_ll, i), output="eps",
+        res = log_likelihood(exp.sde, apply, jnp.asarray(x[idx]), params=fn_params, key=jax.random.fold_in(k_ll, i),
+                             output="eps",
                              K=exp.sqrt, t_eps=t_eps, trace=trace, n_probes=n_probes, aux=aux, rtol=rtol,
                              atol=atol)
         for name in parts:

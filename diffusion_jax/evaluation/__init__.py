@@ -9,7 +9,7 @@
 """
 from diffusion_jax.evaluation.features import (PIXELS, FeatureSpace, frechet_distance_in, inception_feature_space,
                                             kid_in, pixel_features)
-from diffusion_jax.evaluation.fid import (ReferenceStatistics, compute_reference_statistics, feature_statistics,
+from diffusion_jax.evaluation.fid import (ReferenceStatistics, StreamingStatistics, load_published_statistics, compute_reference_statistics, feature_statistics,
                                        fid_from_features, frechet_distance, kid_from_features, load_statistics,
                                        mmd2_unbiased, polynomial_kernel, save_statistics)
 from diffusion_jax.evaluation.inception import (FID_WEIGHTS_ENV, FID_WEIGHTS_FILENAME, FID_WEIGHTS_URL,
@@ -20,7 +20,7 @@ from diffusion_jax.evaluation.torch_pickle import UnsafeCheckpointError, load_to
 
 __all__ = [
     "PIXELS", "FeatureSpace", "frechet_distance_in", "inception_feature_space", "kid_in", "pixel_features",
-    "ReferenceStatistics", "compute_reference_statistics", "feature_statistics", "fid_from_features",
+    "ReferenceStatistics", "StreamingStatistics", "load_published_statistics", "compute_reference_statistics", "feature_statistics", "fid_from_features",
     "frechet_distance", "kid_from_features", "load_statistics", "mmd2_unbiased", "polynomial_kernel",
     "save_statistics",
     "FID_WEIGHTS_ENV", "FID_WEIGHTS_FILENAME", "FID_WEIGHTS_URL", "FIDInceptionV3", "convert_weights",

@@ -50,6 +50,74 @@ def feature_statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
+class StreamingStatistics:
+    """Mean and unbiased covariance of features that arrive in batches, in float64, without keeping them.
+
+    Chan et al.'s pairwise update: each batch contributes its count n_b, mean m_b and centred scatter
+    M_b = sum (x - m_b)(x - m_b)^T, merged as
+
+        n = n_a + n_b,   m = m_a + (n_b / n) delta,   M = M_a + M_b + (n_a n_b / n) delta delta^T,   delta = m_b - m_a,
+
+    which equals the all-at-once result up to float64 rounding (no cancellation of large raw sums), so 50k
+    samples' statistics never need the 50k features in memory. ``statistics()`` returns (mu, M / (n - 1)).
+    """
+
+    def __init__(self, dim: int | None = None):
+        self.n = 0
+        self.mean = None if dim is None else np.zeros(dim)
+        self.scatter = None if dim is None else np.zeros((dim, dim))
+
+    def update(self, features: np.ndarray) -> "StreamingStatistics":
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or f.shape[0] < 1:
+            raise ValueError(f"a batch of features must have shape (n >= 1, d), got {f.shape}")
+        if self.mean is None:
+            self.mean, self.scatter = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
+        if f.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"feature dimension {f.shape[1]} differs from the earlier batches' {self.mean.shape[0]}")
+        nb = f.shape[0]
+        mb = f.mean(axis=0)
+        c = f - mb
+        n = self.n + nb
+        delta = mb - self.mean
+        self.scatter = self.scatter + c.T @ c + np.outer(delta, delta) * (self.n * nb / n)
+        self.mean = self.mean + delta * (nb / n)
+        self.n = n
+        return self
+
+    def statistics(self) -> Tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError(f"need at least 2 features for a covariance, got {self.n}")
+        return self.mean.copy(), self.scatter / (self.n - 1)
+
+
+def load_published_statistics(path: str, feature_space: str = "inception-pool3") -> "ReferenceStatistics":
+    """Reference statistics in the published ``.npz`` format (``mu`` (d,), ``sigma`` (d, d)), e.g. the CIFAR-10
+    training-set statistics of pytorch-fid / EDM; checked for shapes, finiteness and symmetry."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference statistics {path} not found: pass an .npz with arrays 'mu' (d,) and "
+                                f"'sigma' (d, d) in the published pytorch-fid format")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable .npz file with 'mu' and 'sigma'") from e
+    with z:
+        missing = [k for k in ("mu", "sigma") if k not in z.files]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}: the published format has arrays 'mu' (d,) and 'sigma' (d, d); "
+                             f"it holds {sorted(z.files)}")
+        mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+        n = int(z["num_samples"]) if "num_samples" in z.files else 0
+        space = str(z["feature_space"]) if "feature_space" in z.files else feature_space
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}")
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+        raise ValueError(f"{path}: mu and sigma must be finite")
+    if np.max(np.abs(sigma - sigma.T)) > 1e-6 * max(1.0, np.max(np.abs(sigma))):
+        raise ValueError(f"{path}: sigma is not symmetric (max asymmetry {np.max(np.abs(sigma - sigma.T)):.3g})")
+    return ReferenceStatistics(mu, sigma, n, space)
+
+
 def _psd_sqrt(s: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh(s)
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
@@ -152,7 +220,7 @@ def load_statistics(path: str, feature_space: Optional[str] = None) -> Reference
                                     num_samples=int(z["num_samples"]), feature_space=str(z["feature_space"]))
     if feature_space is not None and stats.feature_space != feature_space:
         raise ValueError(f"{path} holds statistics in feature space {stats.feature_space!r}, "
-                         f"not {feature_space!r}; delete it or use overwrite=True")
+                         f"not {feature_space!r}; pass another path or use overwrite=True")
     return stats
 
 

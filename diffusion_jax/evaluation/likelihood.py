@@ -109,7 +109,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.param import OUTPUTS, Model, SquareRoot
+from diffusion_jax.param import OUTPUTS, Model, SquareRoot, with_params
 from diffusion_jax.sdes.base import Family, apply_matrix, tri_factor
 
 Array = Any
@@ -178,7 +178,7 @@ def _check_solver(solver: Any) -> Any:
     return solver
 
 
-def _check_common(sde, fn, u_shape, dtype, output, K, trace, n_probes, probe, rtol, atol, max_steps):
+def _check_common(sde, apply, params, u_shape, dtype, output, K, trace, n_probes, probe, rtol, atol, max_steps):
     _check_choice("model output", output, OUTPUTS)
     _check_choice("trace estimator", trace, TRACES)
     _check_choice("probe distribution", probe, PROBES)
@@ -198,7 +198,7 @@ def _check_common(sde, fn, u_shape, dtype, output, K, trace, n_probes, probe, rt
     # one example at a time: that is how the solver calls fn
     one = (1,) + tuple(u_shape[1:])
     expected = one[:-1] if output == "denoiser" else one
-    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(one, dtype), jax.ShapeDtypeStruct((1,), dtype))
+    out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct(one, dtype), jax.ShapeDtypeStruct((1,), dtype))
     if getattr(out, "shape", None) != expected:
         raise ValueError(f"fn returned shape {getattr(out, 'shape', out)}, expected {expected} for "
                          f"output={output!r} (called with a state of shape {one})")
@@ -221,17 +221,21 @@ def _error_norm(err: Any) -> Array:
     return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(u_err))), jnp.abs(l_err))
 
 
-def _build(sde: Family, fn: Callable, output: str, K: Any, trace: str, rtol: float, atol: float,
+@functools.lru_cache(maxsize=64)
+def _build(sde: Family, apply: Callable, output: str, K: Any, trace: str, rtol: float, atol: float,
            solver: Any, max_steps: int) -> Callable:
+    """The jitted solve ``run(params, u, probes, t0)``: the network enters through ``apply(params, u, t)``, so
+    one compile serves every checkpoint; cached per (family value, apply, options)."""
     # The square root only changes the score for output="eps" (for "score" and "denoiser" the conversion
     # is -Sigma^{-1}(u - m D) whatever K is), so skip building the R table there.
-    model = Model(sde, fn, output, K if output == "eps" else "L")
+    sqrt_kind = K if output == "eps" else "L"
     rows = _noise_rows(sde)
     first, per_step = _nfe_formula(solver)
     controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=_error_norm)
     t_end = sde.T
 
-    def one(u0: Array, probes: Array | None, t0: Array):
+    def one(params: Any, u0: Array, probes: Array | None, t0: Array):
+        model = Model(sde, lambda uu, tt: apply(params, uu, tt), output, sqrt_kind)
         data_shape = u0.shape[:-1]
         n_data = int(np.prod(data_shape, dtype=np.int64))
         dtype = u0.dtype
@@ -269,24 +273,12 @@ def _build(sde: Family, fn: Callable, output: str, K: Any, trace: str, rtol: flo
         return u_t, delta, first + per_step * attempted, attempted, sol.stats["num_rejected_steps"], ok
 
     @jax.jit
-    def run(u: Array, probes: Array | None, t0: Array):
-        u_t, delta, nfe, steps, rejected, ok = jax.vmap(one, in_axes=(0, 0, None))(u, probes, t0)
+    def run(params: Any, u: Array, probes: Array | None, t0: Array):
+        u_t, delta, nfe, steps, rejected, ok = jax.vmap(one, in_axes=(None, 0, 0, None))(params, u, probes, t0)
         prior = sde.prior_logp(u_t, batch_ndim=1)
         return u_t, delta, prior, nfe, steps, rejected, ok
 
     return run
-
-
-@functools.lru_cache(maxsize=64)
-def _build_cached(*args) -> Callable:
-    return _build(*args)
-
-
-def _solver_fn(*args) -> Callable:
-    try:
-        return _build_cached(*args)
-    except TypeError:                 # an unhashable fn / solver: build (and compile) without caching
-        return _build(*args)
 
 
 def _draw_probes(key: Array, probe: str, n_probes: int, shape: tuple[int, ...], dtype: Any,
@@ -303,14 +295,15 @@ def _draw_probes(key: Array, probe: str, n_probes: int, shape: tuple[int, ...], 
     return z * jnp.asarray(mask, dtype)
 
 
-def ode_log_likelihood(sde: Family, fn: Callable, u: Array, *, output: str = "eps",
+def ode_log_likelihood(sde: Family, fn: Callable, u: Array, *, params: Any = None, output: str = "eps",
                        K: str | SquareRoot = "R", t_eps: float | None = None, trace: str = "hutchinson",
                        n_probes: int = 1, probe: str = "rademacher", key: Array | None = None,
                        rtol: float = 1e-5, atol: float = 1e-5, solver: Any = None,
                        max_steps: int = 4096) -> LikelihoodResult:
     r"""log p^theta_eps(u) of full states u (batch, *data, k) at t_eps through eq. (1) of the module doc.
 
-    ``fn(u, t_batch)`` returns eps (w.r.t. the square root ``K``), the score or the denoiser (``output``);
+    ``fn(u, t_batch)`` (or ``fn(params, u, t_batch)`` with ``params``, which compiles once across checkpoints)
+    returns eps (w.r.t. the square root ``K``), the score or the denoiser (``output``);
     it is called on one example at a time (shape (1, *data, k)) inside a ``vmap`` over the batch.
     ``trace``: ``"exact"`` (D r Jacobian-vector products per evaluation, r = number of non-zero rows of Q:
     for small D) or ``"hutchinson"`` (``n_probes`` fixed probes per example of kind ``probe``, drawn from
@@ -321,7 +314,8 @@ def ode_log_likelihood(sde: Family, fn: Callable, u: Array, *, output: str = "ep
     if not jnp.issubdtype(u.dtype, jnp.floating):
         u = u.astype(jnp.result_type(float))
     t0 = _resolve_t_eps(sde, t_eps)
-    _check_common(sde, fn, u.shape, u.dtype, output, K, trace, n_probes, probe, rtol, atol, max_steps)
+    apply = fn if params is not None else with_params(fn)
+    _check_common(sde, apply, params, u.shape, u.dtype, output, K, trace, n_probes, probe, rtol, atol, max_steps)
     solver = _check_solver(solver)
     rows = _noise_rows(sde)
     if trace == "hutchinson":
@@ -330,8 +324,9 @@ def ode_log_likelihood(sde: Family, fn: Callable, u: Array, *, output: str = "ep
         probes = _draw_probes(key, probe, int(n_probes), u.shape, u.dtype, rows, sde.order)
     else:
         probes = None
-    run = _solver_fn(sde, fn, output, K, trace, float(rtol), float(atol), solver, int(max_steps))
-    u_t, delta, prior, nfe, steps, rejected, ok = run(u, probes, jnp.asarray(t0, u.dtype))
+    kind = K.kind if isinstance(K, SquareRoot) else K
+    run = _build(sde, apply, output, kind, trace, float(rtol), float(atol), solver, int(max_steps))
+    u_t, delta, prior, nfe, steps, rejected, ok = run(params, u, probes, jnp.asarray(t0, u.dtype))
     if not bool(jnp.all(ok)):
         bad = np.flatnonzero(~np.asarray(ok))
         raise RuntimeError(f"{sde.name}: the likelihood ODE did not reach T for examples {bad[:8].tolist()} "
@@ -388,7 +383,7 @@ def sample_aux(key: Array, sde: Family, x0: Array, t_eps: float | None = None,
     return _aux_draw(sde, aux, key, x0, jnp.asarray(t0, x0.dtype))
 
 
-def log_likelihood(sde: Family, fn: Callable, x0: Array, *, key: Array | None = None,
+def log_likelihood(sde: Family, fn: Callable, x0: Array, *, params: Any = None, key: Array | None = None,
                    output: str = "eps", K: str | SquareRoot = "R", t_eps: float | None = None,
                    trace: str = "hutchinson", n_probes: int = 1, probe: str = "rademacher",
                    aux: str = "forward", rtol: float = 1e-5, atol: float = 1e-5, solver: Any = None,
@@ -422,7 +417,7 @@ def log_likelihood(sde: Family, fn: Callable, x0: Array, *, key: Array | None = 
         key_aux, key_probe = jax.random.split(key)
         a, log_q = sample_aux(key_aux, sde, x0, t0, aux)
         u = jnp.concatenate([x0[..., None], a], axis=-1)
-    res = ode_log_likelihood(sde, fn, u, output=output, K=K, t_eps=t0, trace=trace, n_probes=n_probes,
+    res = ode_log_likelihood(sde, fn, u, params=params, output=output, K=K, t_eps=t0, trace=trace, n_probes=n_probes,
                              probe=probe, key=key_probe, rtol=rtol, atol=atol, solver=solver,
                              max_steps=max_steps)
     return res._replace(logp=res.logp_state - log_q, log_q_aux=log_q)

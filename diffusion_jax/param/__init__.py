@@ -5,9 +5,9 @@
 * :mod:`.precond` -- the network's input scaling, noise conditioning and output (mixed score, c_out).
 """
 from diffusion_jax.param.convert import (Model, denoiser_from_eps, eps_from_denoiser, eps_from_score,
-                                         score_from_eps)
+                                         score_from_eps, with_params)
 from diffusion_jax.param.precond import Preconditioner, network_channels
 from diffusion_jax.param.roots import OUTPUTS, SQUARE_ROOTS, SquareRoot, square_root
 
 __all__ = ["Model", "SquareRoot", "square_root", "OUTPUTS", "SQUARE_ROOTS", "score_from_eps", "eps_from_score",
-           "eps_from_denoiser", "denoiser_from_eps", "Preconditioner", "network_channels"]
+           "eps_from_denoiser", "denoiser_from_eps", "with_params", "Preconditioner", "network_channels"]

@@ -6,6 +6,7 @@ With u_t = m_t x_0 + K_t eps and K_t K_t^T = Sigma_t (per data dimension, or per
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -99,3 +100,16 @@ class Model:
             eps = eps_from_denoiser(self.sde, u, out, m_t, k_t)
         d = out if self.output == "denoiser" else denoiser_from_eps(self.sde, u, eps, m_t, k_t)
         return eps, score_from_eps(self.sde, eps, k_t), d
+
+
+@functools.lru_cache(maxsize=256)
+def with_params(fn: Callable) -> Callable:
+    """``fn(u, t)`` as ``apply(params, u, t)`` (params ignored).
+
+    The samplers and the likelihood compile once per ``apply`` function; this wrapper is one object per ``fn``,
+    so passing the same ``fn`` again reuses the compiled program. Networks should be passed as
+    ``apply(params, u, t)`` with their parameters as an argument instead of a closure over them.
+    """
+    def apply(params, u, t):
+        return fn(u, t)
+    return apply

@@ -1,44 +1,79 @@
-r"""Samplers for every linear family: one entry point, :func:`sample`.
+r"""Samplers for every family: :func:`sample` (the front door) and :func:`compile` (a compiled handle).
 
-``sample(sde, fn, u_init, method=..., nfe=...)`` integrates the reverse process from ``t_start`` (T) down to
-``t_end`` starting at the explicit state ``u_init`` (shape (batch, *data, k); draw one with
-:func:`prior_init`), with ``fn(u, t_batch)`` returning eps (w.r.t. ``K``), the score, or the denoiser
-(``output``). It returns the final state and an info dict with the exact number of ``fn`` evaluations
-(``nfe``) and, on request, the trajectory and the denoiser outputs along it. Whole solves run under jit.
+A sampler integrates the reverse process from ``t_start`` (T) down to ``t_end`` from an explicit initial state
+``u_init`` of shape (batch, *data, k) (draw one with :func:`prior_init`). The network enters as a function of
+its parameters, ``apply(params, u, t_batch)``, returning eps (w.r.t. ``K``), the score or the denoiser
+(``output``). Plan and run are apart:
 
-Methods (probability-flow ODE du/dt = F u - 1/2 G G^T s; reverse SDE du = [F u - G G^T s] dt + G dW-bar):
+* the **plan** (time grid, float64 coefficient tables) is computed on the host once per (family value, method,
+  NFE, options) and cached (:mod:`.plan`);
+* the **run** is a pure function of ``(params, u_init, key)`` compiled once per (method, static options,
+  shapes) (:mod:`.run`); a new checkpoint, EMA copy, batch of noise or key does not recompile, and no weights
+  are lowered as constants. Inputs laid out over a device mesh keep their sharding (batch-parallel sampling).
 
-* ``euler``, ``heun``, ``midpoint``, ``tsit5``: diffrax, fixed steps on the time grid;
-  ``dopri5`` / ``tsit5_adaptive``: diffrax with a PID controller (rtol, atol);
-* ``euler_maruyama``: the reverse SDE through diffrax (G(t) dW as a lineax operator, through the family's basis);
+``draw = compile(sde, apply, method="gddim", nfe=20)`` returns a handle, ``draw(params, u0, key)`` a
+:class:`SampleResult`; it can be called inside user ``jit`` / ``vmap`` code. ``sample(sde, fn, u0, ...)``
+takes ``fn(u, t)`` (or ``fn(params, u, t)`` with ``params=``) and returns ``(u_final, SampleInfo)``.
+
+Methods and their options (anything else is an error naming these):
+
+* ``euler``, ``heun``, ``midpoint``, ``tsit5``: diffrax, fixed steps on the time grid (``grid``, ``rho``);
+* ``dopri5``, ``tsit5_adaptive``: diffrax with a PID controller (``rtol``, ``atol``, ``max_steps``; no ``nfe``);
+* ``euler_maruyama``: the reverse SDE (``grid``, ``rho``; needs a key);
 * ``gddim``: exponential integrator in eps, multistep ``order`` q = 0..3, stochastic with ``lam`` > 0;
-* ``sscs``: Strang splitting, exact linear half-steps (with their noise) around an Euler score step;
-* ``edm_heun``: Karras et al.'s Heun in the noise level sigma(t) (last step Euler), ``ode_jump`` to end
-  on the denoiser output.
+* ``sscs``: symmetric splitting, exact linear half-steps around an Euler score step (``lam``, default 1);
+* ``edm_heun``: Karras et al.'s Heun in sigma(t) on the EDM grid (``rho``, ``ode_jump``).
+
+Common options: ``output`` ("eps", "score", "denoiser"), ``K`` ("R" or "L"), ``t_start``, ``t_end``,
+``denoise_final`` (end on D(u, t_end), one more evaluation), ``return_trajectory``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
-import diffrax
 import jax
-import jax.numpy as jnp
-import lineax
 import numpy as np
 
-from diffusion_jax.param import Model, SquareRoot
-from diffusion_jax.samplers.gddim import _psd_sqrt, gddim_coefficients
+from diffusion_jax.param.convert import with_params
+from diffusion_jax.param.roots import SquareRoot
 from diffusion_jax.samplers.grids import GRIDS, noise_level, time_grid
+from diffusion_jax.samplers.plan import (COMMON_OPTIONS, DIFFRAX_ADAPTIVE, DIFFRAX_FIXED, MAX_GDDIM_ORDER,
+                                         METHOD_OPTIONS, METHODS, STOCHASTIC, Plan, check_model, is_stochastic,
+                                         make_plan)
+from diffusion_jax.samplers.run import runner
 from diffusion_jax.sdes.base import Family
 
 Array = Any
 
-DIFFRAX_FIXED = {"euler": (diffrax.Euler, 1, 0), "heun": (diffrax.Heun, 2, 0),
-                 "midpoint": (diffrax.Midpoint, 2, 0), "tsit5": (diffrax.Tsit5, 6, 1)}
-DIFFRAX_ADAPTIVE = {"dopri5": diffrax.Dopri5, "tsit5_adaptive": diffrax.Tsit5}
-METHODS = tuple(DIFFRAX_FIXED) + tuple(DIFFRAX_ADAPTIVE) + ("euler_maruyama", "gddim", "sscs", "edm_heun")
-STOCHASTIC = ("euler_maruyama",)
-MAX_GDDIM_ORDER = 3
+
+class SampleResult(NamedTuple):
+    """What a compiled handle returns (a pytree): the final state, and with ``return_trajectory`` the states
+    at the grid times (N+1, batch, *data, k) and the denoiser outputs along them (N or N+1, batch, *data).
+
+    ``stats`` holds (accepted steps, rejected steps, success) for adaptive methods, () otherwise."""
+    u: Array
+    trajectory: Array | None
+    denoised: Array | None
+    stats: tuple
+
+
+class SampleInfo(NamedTuple):
+    """What :func:`sample` returns beside the final state; the same fields for every method.
+
+    nfe: exact network evaluations (the final denoising step included); ts: the time grid (host float64);
+    trajectory / denoised: as in :class:`SampleResult` (None unless ``return_trajectory``); denoised_ts: the
+    times of ``denoised`` (the grid, or SSCS's step midpoints); nfe_analysis: extra evaluations spent on
+    ``denoised`` (diffrax methods evaluate it after the solve); steps / rejected: adaptive step counts (else None).
+    """
+    nfe: int
+    ts: np.ndarray
+    trajectory: Array | None
+    denoised: Array | None
+    denoised_ts: np.ndarray | None
+    nfe_analysis: int
+    steps: int | None
+    rejected: int | None
 
 
 def prior_init(sde: Family, key: Array, batch: int, data_shape: tuple[int, ...]) -> Array:
@@ -46,292 +81,120 @@ def prior_init(sde: Family, key: Array, batch: int, data_shape: tuple[int, ...])
     return sde.prior_sample(key, (batch,) + tuple(data_shape))
 
 
-def _steps_for(method: str, nfe: int) -> int:
-    if method in DIFFRAX_FIXED:
-        _, per_step, extra = DIFFRAX_FIXED[method]
-        steps = (nfe - extra) // per_step
-        if steps < 1:
-            raise ValueError(f"{method} needs nfe >= {per_step + extra} (one step), got nfe={nfe}")
-        return steps
-    if method == "edm_heun":
-        return (nfe + 1) // 2                   # N steps cost 2N - 1 evaluations (last step Euler)
-    return nfe
+@functools.lru_cache(maxsize=128)
+def _jitted(sde: Family, apply: Callable, method: str, options: tuple, output: str, kind: str, t_start: float,
+            t_end: float, denoise_final: bool, return_trajectory: bool) -> Callable:
+    run = runner(sde, apply, method, options, output, kind, t_start, t_end, denoise_final, return_trajectory)
+    run.__name__ = run.__qualname__ = f"sampler_{method}"     # the name in compile logs
+    return jax.jit(run)
 
 
-def _validate(sde, fn, u_init, method, nfe, order, lam, key, output):
-    if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
-    if u_init.ndim < 2 or u_init.shape[-1] != sde.order:
-        raise ValueError(f"u_init must have shape (batch, *data, k={sde.order}), got {u_init.shape}")
-    if method not in DIFFRAX_ADAPTIVE:
-        if not (isinstance(nfe, (int, np.integer)) and nfe >= 1):
-            raise ValueError(f"nfe must be an integer >= 1 for {method}, got {nfe!r}")
-    if method == "gddim":
-        if not (isinstance(order, (int, np.integer)) and 0 <= order <= MAX_GDDIM_ORDER):
-            raise ValueError(f"gddim order must be an integer in 0..{MAX_GDDIM_ORDER}, got {order!r}")
-        if order > nfe - 1:
-            raise ValueError(f"gddim order {order} needs {order + 1} eps values of history but nfe={nfe} "
-                             f"gives only {nfe}; use order <= {nfe - 1}")
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    if (method in STOCHASTIC or (method in ("gddim", "sscs") and lam > 0)) and key is None:
-        raise ValueError(f"{method} with noise needs a PRNG key: pass key=jax.random.PRNGKey(...)")
-    expected = u_init.shape[:-1] if output == "denoiser" else u_init.shape
-    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(u_init.shape, u_init.dtype),
-                         jax.ShapeDtypeStruct(u_init.shape[:1], u_init.dtype))
-    if out.shape != expected:
-        raise ValueError(f"fn returned shape {out.shape}, expected {expected} for output={output!r}")
+class Sampler:
+    """A compiled sampler handle: ``draw(params, u0, key=None) -> SampleResult`` (see :func:`compile`)."""
+
+    def __init__(self, sde: Family, apply: Callable, plan: Plan, output: str, kind: str, denoise_final: bool,
+                 return_trajectory: bool):
+        self.sde, self.apply, self.plan = sde, apply, plan
+        self.output, self.kind = output, kind
+        self.denoise_final, self.return_trajectory = denoise_final, return_trajectory
+        self.stochastic = is_stochastic(plan.method, plan.opts.get("lam", 0.0))
+        self._fn = _jitted(sde, apply, plan.method, plan.options, output, kind, plan.t_start, plan.t_end,
+                           denoise_final, return_trajectory)
+        self._checked: set = set()
+
+    @property
+    def method(self) -> str:
+        return self.plan.method
+
+    @property
+    def ts(self) -> np.ndarray:
+        return self.plan.ts
+
+    @property
+    def nfe(self) -> int | None:
+        """Exact network evaluations of one call (None for adaptive methods: see ``SampleResult.stats``)."""
+        if self.plan.nfe is None:
+            return None
+        return self.plan.nfe + int(self.denoise_final)
+
+    def check(self, params: Any, u0: Array) -> None:
+        """Shape checks of the state and of the network output (abstract evaluation, nothing compiles)."""
+        sig = (tuple(u0.shape), str(u0.dtype))
+        if sig in self._checked:
+            return
+        sde = self.sde
+        if u0.ndim < 2 or u0.shape[-1] != sde.order:
+            raise ValueError(f"u_init must have shape (batch, *data, k={sde.order}), got {tuple(u0.shape)}")
+        if sde.data_shape is not None and tuple(u0.shape[1:-1]) != tuple(sde.data_shape):
+            raise ValueError(f"{sde.name} was built for data of shape {tuple(sde.data_shape)}, u_init has "
+                             f"{tuple(u0.shape[1:-1])}")
+        expected = tuple(u0.shape[:-1]) if self.output == "denoiser" else tuple(u0.shape)
+        out = jax.eval_shape(self.apply, params, jax.ShapeDtypeStruct(u0.shape, u0.dtype),
+                             jax.ShapeDtypeStruct(u0.shape[:1], u0.dtype))
+        if tuple(out.shape) != expected:
+            raise ValueError(f"the network returned shape {tuple(out.shape)}, expected {expected} for "
+                             f"output={self.output!r} (state shape {tuple(u0.shape)})")
+        self._checked.add(sig)
+
+    def __call__(self, params: Any, u0: Array, key: Array | None = None) -> SampleResult:
+        self.check(params, u0)
+        if key is None:
+            if self.stochastic:
+                raise ValueError(f"{self.method} with noise needs a PRNG key: pass key=jax.random.key(...)")
+            key = jax.random.key(0)                 # unused by deterministic methods
+        u, traj, den, stats = self._fn(params, u0, key, self.plan.tables)
+        return SampleResult(u, traj, den, stats)
+
+    def lower(self, params: Any, u0: Array, key: Array | None = None):
+        """``jax.jit(...).lower`` of the run (e.g. to inspect the StableHLO text and its size)."""
+        return self._fn.lower(params, u0, jax.random.key(0) if key is None else key, self.plan.tables)
+
+
+def compile(sde: Family, apply: Callable, *, method: str, nfe: int | None = None, output: str = "eps",
+            K: str | SquareRoot = "R", t_start: float | None = None, t_end: float | None = None,
+            denoise_final: bool = False, return_trajectory: bool = False, **options: Any) -> Sampler:
+    """A compiled sampler handle for ``apply(params, u, t_batch)``; see the module docstring.
+
+    Everything is validated here, before anything compiles; the first call with a new state shape compiles.
+    """
+    if not callable(apply):
+        raise ValueError(f"apply must be a function apply(params, u, t), got {type(apply).__name__}")
+    kind = check_model(output, K)
+    plan = make_plan(sde, method, nfe, kind, t_start, t_end, **options)
+    return Sampler(sde, apply, plan, output, kind, bool(denoise_final), bool(return_trajectory))
 
 
 def sample(sde: Family, fn: Callable, u_init: Array, *, method: str, nfe: int | None = None,
-           output: str = "eps", K: str | SquareRoot = "R", grid: str = "uniform",
-           t_start: float | None = None, t_end: float | None = None, order: int = 1, lam: float | None = None,
-           key: Array | None = None, rtol: float = 1e-5, atol: float = 1e-5, rho: float = 7.0,
-           ode_jump: bool = False, denoise_final: bool = False, return_trajectory: bool = False,
-           max_steps: int = 16384) -> tuple[Array, dict]:
-    """Sample from ``u_init`` at ``t_start`` to ``t_end``; returns (u_final, info).
+           params: Any = None, key: Array | None = None, **options: Any) -> tuple[Array, SampleInfo]:
+    """Sample from ``u_init`` at ``t_start`` down to ``t_end``; returns (u_final, :class:`SampleInfo`).
 
-    info: ``nfe`` (exact count of ``fn`` evaluations), ``ts`` (the grid, host float64), and with
-    ``return_trajectory``: ``trajectory`` (states at the grid times, (N+1, batch, *data, k)) and
-    ``denoised`` (D(u_t, t) at those times, (N+1, batch, *data)); for the diffrax methods the denoiser
-    along the trajectory costs ``nfe_analysis`` extra evaluations, reported separately.
+    ``fn(u, t_batch)``, or ``fn(params, u, t_batch)`` when ``params`` is given (the form that compiles once
+    across checkpoints). Options as in the module docstring.
     """
-    if lam is None:
-        lam = 1.0 if method == "sscs" else 0.0
-    if grid not in GRIDS:
-        raise ValueError(f"unknown time grid {grid!r}; choose one of {GRIDS}")
-    model = Model(sde, fn, output, K)
-    _validate(sde, fn, u_init, method, nfe, order, lam, key, output)
-    t_start = sde.T if t_start is None else float(t_start)
-    t_end = sde.t_min if t_end is None else float(t_end)
+    apply = fn if params is not None else with_params(fn)
+    draw = compile(sde, apply, method=method, nfe=nfe, **options)
+    res = draw(params, u_init, key)
+    plan = draw.plan
+    steps = rejected = None
+    nfe_done = draw.nfe
     if method in DIFFRAX_ADAPTIVE:
-        u, info = _diffrax_adaptive(sde, model, u_init, method, t_start, t_end, rtol, atol, max_steps,
-                                    return_trajectory)
-    else:
-        n_steps = _steps_for(method, nfe)
-        ts = time_grid(sde, n_steps, "edm" if method == "edm_heun" and grid == "uniform" else grid,
-                       t_start, t_end, rho)
-        if method in DIFFRAX_FIXED:
-            u, info = _diffrax_fixed(sde, model, u_init, method, ts, return_trajectory)
-        elif method == "euler_maruyama":
-            u, info = _euler_maruyama(sde, model, u_init, ts, key, return_trajectory)
-        elif method == "gddim":
-            u, info = _gddim(sde, model, u_init, ts, order, lam, key, return_trajectory)
-        elif method == "sscs":
-            u, info = _sscs(sde, model, u_init, ts, lam, key, return_trajectory)
-        else:
-            u, info = _edm_heun(sde, model, u_init, ts, ode_jump, return_trajectory)
-    if denoise_final:
-        d = jax.jit(lambda uu: model.all(uu, t_end)[2])(u)
-        u = u.at[..., 0].set(d)
-        info["nfe"] += 1
-    return u, info
+        n_acc, n_rej, ok = (int(res.stats[0]), int(res.stats[1]), bool(res.stats[2]))
+        if not ok:
+            raise RuntimeError(f"{method} did not reach t_end (raise max_steps or loosen rtol/atol)")
+        steps, rejected = n_acc, n_rej
+        # FSAL Runge-Kutta: one evaluation at the start, then 6 new stages per attempted step.
+        nfe_done = 1 + 6 * (n_acc + n_rej) + int(draw.denoise_final)
+    traj = res.trajectory
+    den_ts = None
+    nfe_analysis = 0
+    if traj is not None:
+        den_ts = plan.tables["mids"] if method == "sscs" else (plan.ts if method in DIFFRAX_ADAPTIVE
+                                                                else plan.ts[:len(res.denoised)])
+        if method in DIFFRAX_FIXED or method in DIFFRAX_ADAPTIVE or method == "euler_maruyama":
+            nfe_analysis = len(plan.ts)
+    return res.u, SampleInfo(nfe_done, plan.ts, traj, res.denoised, den_ts, nfe_analysis, steps, rejected)
 
 
-# ------------------------------------------------------------------ diffrax
-def _pf_drift(sde: Family, model: Model):
-    def f(t, u, args):
-        s = model.score(u, t)
-        return sde.apply(sde.drift_matrix(t), u) - 0.5 * sde.apply(sde.noise_matrix(t), s)
-    return f
-
-
-def _with_denoised(model, traj, ts):
-    d = jax.jit(jax.vmap(lambda u, t: model.all(u, t)[2]))(traj, jnp.asarray(ts, traj.dtype))
-    return d
-
-
-def _diffrax_fixed(sde, model, u_init, method, ts, return_trajectory):
-    solver_cls, per_step, extra = DIFFRAX_FIXED[method]
-    ts_j = jnp.asarray(ts, u_init.dtype)
-    saveat = diffrax.SaveAt(ts=ts_j) if return_trajectory else diffrax.SaveAt(t1=True)
-
-    @jax.jit
-    def run(u0):
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(_pf_drift(sde, model)), solver_cls(), ts_j[0], ts_j[-1],
-                                  None, u0, stepsize_controller=diffrax.StepTo(ts_j), saveat=saveat,
-                                  max_steps=len(ts))
-        return sol.ys
-
-    ys = run(u_init)
-    n_steps = len(ts) - 1
-    info = dict(nfe=per_step * n_steps + extra, ts=ts)
-    if return_trajectory:
-        info.update(trajectory=ys, denoised=_with_denoised(model, ys, ts), nfe_analysis=len(ts))
-    return ys[-1], info
-
-
-def _diffrax_adaptive(sde, model, u_init, method, t_start, t_end, rtol, atol, max_steps, return_trajectory):
-    solver = DIFFRAX_ADAPTIVE[method]()
-    ts = np.linspace(t_start, t_end, 33)
-    saveat = diffrax.SaveAt(ts=jnp.asarray(ts, u_init.dtype)) if return_trajectory else diffrax.SaveAt(t1=True)
-
-    @jax.jit
-    def run(u0):
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(_pf_drift(sde, model)), solver, t_start, t_end,
-                                  -(t_start - t_end) / 64, u0,
-                                  stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                                  saveat=saveat, max_steps=max_steps)
-        # diffrax's num_steps counts every attempted step (accepted + rejected).
-        return sol.ys, sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"], sol.result
-
-    ys, n_acc, n_rej, result = run(u_init)
-    if not bool(result == diffrax.RESULTS.successful):
-        raise RuntimeError(f"{method} did not reach t_end: {result} (raise max_steps or loosen rtol/atol)")
-    # FSAL Runge-Kutta: one evaluation at the start, then 6 new stages per attempted step.
-    info = dict(nfe=1 + 6 * (int(n_acc) + int(n_rej)), ts=ts, steps=int(n_acc), rejected=int(n_rej))
-    if return_trajectory:
-        info.update(trajectory=ys, denoised=_with_denoised(model, ys, ts), nfe_analysis=len(ts))
-    return ys[-1], info
-
-
-def _euler_maruyama(sde, model, u_init, ts, key, return_trajectory):
-    shape = u_init.shape
-    ts_j = jnp.asarray(ts, u_init.dtype)
-
-    def drift(t, y, args):
-        u = y.reshape(shape)
-        s = model.score(u, t)
-        out = sde.apply(sde.drift_matrix(t), u) - sde.apply(sde.noise_matrix(t), s)
-        return out.reshape(-1)
-
-    def diffusion(t, y, args):
-        # G(t) dW as an operator on the flat Brownian increment (per pixel, or per mode through the basis)
-        g = sde.diffusion_matrix(t)
-        return lineax.FunctionLinearOperator(lambda w: sde.apply(g, w.reshape(shape)).reshape(-1),
-                                             jax.ShapeDtypeStruct((int(np.prod(shape)),), u_init.dtype))
-
-    saveat = diffrax.SaveAt(ts=ts_j) if return_trajectory else diffrax.SaveAt(t1=True)
-
-    @jax.jit
-    def run(u0, key):
-        bm = diffrax.VirtualBrownianTree(float(ts[-1]), float(ts[0]), tol=float(ts[0] - ts[-1]) / (8 * len(ts)),
-                                         shape=(u0.size,), key=key)
-        terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, bm))
-        sol = diffrax.diffeqsolve(terms, diffrax.Euler(), ts_j[0], ts_j[-1], None, u0.reshape(-1),
-                                  stepsize_controller=diffrax.StepTo(ts_j), saveat=saveat, max_steps=len(ts))
-        return sol.ys.reshape((-1,) + shape)
-
-    ys = run(u_init, key)
-    info = dict(nfe=len(ts) - 1, ts=ts)
-    if return_trajectory:
-        info.update(trajectory=ys, denoised=_with_denoised(model, ys, ts), nfe_analysis=len(ts))
-    return ys[-1], info
-
-
-# ------------------------------------------------------------------ own loops (lax.scan)
-def _gddim(sde, model, u_init, ts, order, lam, key, return_trajectory, keep_residual=False):
-    c = gddim_coefficients(sde, model.sqrt, tuple(float(t) for t in ts), order, float(lam))
-    dtype = u_init.dtype
-    n = len(ts) - 1
-    keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), n)
-    stable = lam == 0 and not keep_residual
-    xs = tuple(jnp.asarray(a, dtype) for a in (ts[:-1], c["psi"], c["coef"], c["noise"], c["m_next"], c["r_next"]))
-
-    @jax.jit
-    def run(u0, keys):
-        hist0 = jnp.zeros((order + 1,) + u0.shape, dtype)
-
-        def step(carry, inp):
-            u, hist = carry
-            (t, psi, coef, noise, m_next, r_next), k = inp
-            eps, _, d = model.all(u, t)
-            hist = jnp.concatenate([eps[None], hist[:-1]], axis=0)      # hist[j] = eps at t_{i-j}
-            if stable:
-                # m_{t'} D + R_{t'} eps_0 + sum_{j>=1} C_j (eps_j - eps_0); history slots not yet filled
-                # have C_j = 0, so their (zero) content never matters.
-                u_next = sde.lift(m_next, d) + sde.apply(r_next, eps)
-                u_next = u_next + sum(sde.apply(coef[j], hist[j] - eps) for j in range(1, order + 1))
-            else:
-                u_next = sde.apply(psi, u) + sum(sde.apply(coef[j], hist[j]) for j in range(order + 1))
-                u_next = u_next + sde.apply(noise, jax.random.normal(k, u.shape, dtype))
-            return (u_next, hist), (u, d)
-
-        (u_fin, _), (traj, den) = jax.lax.scan(step, (u0, hist0), (xs, keys))
-        return u_fin, traj, den
-
-    u_fin, traj, den = run(u_init, keys)
-    info = dict(nfe=n, ts=ts)
-    if return_trajectory:
-        info.update(trajectory=jnp.concatenate([traj, u_fin[None]]), denoised=den)
-    return u_fin, info
-
-
-def _sscs(sde, model, u_init, ts, lam, key, return_trajectory):
-    dtype = u_init.dtype
-    n = len(ts) - 1
-    mids = 0.5 * (ts[:-1] + ts[1:])
-    half1 = np.stack([sde.transition_np(t=mids[i], s=ts[i]) for i in range(n)])
-    half2 = np.stack([sde.transition_np(t=ts[i + 1], s=mids[i]) for i in range(n)])
-    nz1 = np.stack([_psd_sqrt(lam ** 2 * sde.reverse_covariance_np(mids[i], ts[i])) for i in range(n)])
-    nz2 = np.stack([_psd_sqrt(lam ** 2 * sde.reverse_covariance_np(ts[i + 1], mids[i])) for i in range(n)])
-    # Euler step of the score part du = -(1 + lam^2)/2 beta Q s dt over dt = -(t_i - t_{i+1}).
-    kick = np.stack([0.5 * (1 + lam ** 2) * (ts[i] - ts[i + 1]) * sde.noise_matrix_np(mids[i]) for i in range(n)])
-    keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), 2 * n).reshape(n, 2, -1)
-
-    @jax.jit
-    def run(u0, keys):
-        def step(u, inp):
-            tm, h1, h2, g1, g2, kk, k2 = inp
-            u = sde.apply(h1, u)
-            if lam > 0:
-                u = u + sde.apply(g1, jax.random.normal(k2[0], u.shape, dtype))
-            _, s, d = model.all(u, tm)
-            u = u + sde.apply(kk, s)
-            u = sde.apply(h2, u)
-            if lam > 0:
-                u = u + sde.apply(g2, jax.random.normal(k2[1], u.shape, dtype))
-            return u, (u, d)
-
-        u_fin, (traj, den) = jax.lax.scan(step, u0, (jnp.asarray(mids, dtype), jnp.asarray(half1, dtype),
-                                                      jnp.asarray(half2, dtype), jnp.asarray(nz1, dtype),
-                                                      jnp.asarray(nz2, dtype), jnp.asarray(kick, dtype), keys))
-        return u_fin, traj, den
-
-    u_fin, traj, den = run(u_init, keys)
-    info = dict(nfe=n, ts=ts)
-    if return_trajectory:
-        # states after each step (at t_1..t_N) and denoiser outputs at the step midpoints
-        info.update(trajectory=jnp.concatenate([u_init[None], traj]), denoised=den, denoised_ts=mids)
-    return u_fin, info
-
-
-def _edm_heun(sde, model, u_init, ts, ode_jump, return_trajectory):
-    """Heun in sigma = noise_level(t): du/dsigma = f(u, t) dt/dsigma; last step Euler (or a jump to D)."""
-    dtype = u_init.dtype
-    n = len(ts) - 1
-    sig = noise_level(sde, ts)
-    # dt/dsigma at the nodes by a centred float64 difference of the exact noise level
-    eps_t = 1e-6 * ts
-    dsig = (noise_level(sde, np.minimum(ts + eps_t, sde.T)) - noise_level(sde, ts - eps_t)) / (
-        np.minimum(ts + eps_t, sde.T) - (ts - eps_t))
-    dt_dsig = 1.0 / dsig
-    f = _pf_drift(sde, model)
-
-    @jax.jit
-    def run(u0):
-        def step(u, inp):
-            i, t, t_next, ds, j0, j1 = inp
-            eps, s, d = model.all(u, t)
-            d0 = (sde.apply(sde.drift_matrix(t), u) - 0.5 * sde.apply(sde.noise_matrix(t), s)) * j0
-            u_eul = u + ds * d0
-            is_last = i == n - 1
-            u_next = jax.lax.cond(is_last, lambda: u_eul,
-                                  lambda: u + ds * 0.5 * (d0 + f(t_next, u_eul, None) * j1))
-            if ode_jump:
-                u_next = jnp.where(is_last, u.at[..., 0].set(d), u_next)
-            return u_next, (u, d)
-
-        inp = (jnp.arange(n), jnp.asarray(ts[:-1], dtype), jnp.asarray(ts[1:], dtype),
-               jnp.asarray(np.diff(sig), dtype), jnp.asarray(dt_dsig[:-1], dtype), jnp.asarray(dt_dsig[1:], dtype))
-        u_fin, (traj, den) = jax.lax.scan(step, u0, inp)
-        return u_fin, traj, den
-
-    u_fin, traj, den = run(u_init)
-    info = dict(nfe=2 * n - 1, ts=ts)
-    if return_trajectory:
-        info.update(trajectory=jnp.concatenate([traj, u_fin[None]]), denoised=den)
-    return u_fin, info
-
-
-__all__ = ["sample", "prior_init", "time_grid", "METHODS", "GRIDS"]
+__all__ = ["sample", "compile", "Sampler", "SampleResult", "SampleInfo", "prior_init", "time_grid", "noise_level",
+           "METHODS", "METHOD_OPTIONS", "COMMON_OPTIONS", "GRIDS", "STOCHASTIC", "DIFFRAX_FIXED",
+           "DIFFRAX_ADAPTIVE", "MAX_GDDIM_ORDER"]

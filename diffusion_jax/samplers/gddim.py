@@ -24,8 +24,7 @@ Psi u + C eps cancels catastrophically. Since Psi(t', t) m_t = m_{t'}, writing u
     u(t') = m_{t'} D_0 + R_{t'} eps_0 + sum_{j >= 1} C_j (eps_j - eps_0) + Psi(t', t) r.
 
 For any exact score r = 0 identically (u | x_0 is Gaussian with mean m_t x_0, so eps = R^{-1}(u - m_t D));
-we evaluate the step without the Psi r term, which in float32 is amplified rounding noise
-(``keep_residual=True`` keeps it, for studying learned models whose eps is inconsistent).
+we evaluate the step without the Psi r term, which in float32 is amplified rounding noise.
 """
 from __future__ import annotations
 

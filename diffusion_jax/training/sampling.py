@@ -8,7 +8,8 @@ import jax
 import numpy as np
 
 from diffusion_jax.data import to_image_space
-from diffusion_jax.samplers import prior_init, sample
+from diffusion_jax import samplers
+from diffusion_jax.samplers import prior_init
 from diffusion_jax.training.setup import Experiment
 
 Array = Any
@@ -20,18 +21,22 @@ def sample_data(exp: Experiment, params: Any, key: Array, n: int, method: str = 
 
     The final step maps u at t_min to the denoiser output D(u, t_min) = E[x_0 | u] (one more network
     evaluation; ``denoise_final``), which every family needs for clean data at its auxiliary coordinates.
+    One compiled sampler serves every batch (a short last batch is padded) and every ``params``.
+    Batch i starts from ``prior_init(sde, fold_in(key, i), ...)``; stochastic samplers draw their noise from
+    ``fold_in(fold_in(key, 1), i)``.
     """
-    fn = exp.eps_fn(params, train=False)
-    out = []
-    batch = batch or n
     sampler_kwargs.setdefault("denoise_final", True)
-    if method in ("euler_maruyama", "sscs") or sampler_kwargs.get("lam", 0.0):
-        sampler_kwargs.setdefault("key", jax.random.fold_in(key, 1))
+    draw = samplers.compile(exp.sde, exp.apply, method=method, nfe=nfe, output="eps", K=exp.sqrt, **sampler_kwargs)
+    batch = min(batch or n, n)
+    noise_key = jax.random.fold_in(key, 1)
+    out = []
     for i, start in enumerate(range(0, n, batch)):
         m = min(batch, n - start)
         u0 = prior_init(exp.sde, jax.random.fold_in(key, i), m, exp.data_shape)
-        u, _ = sample(exp.sde, fn, u0, method=method, nfe=nfe, output="eps", K=exp.sqrt, **sampler_kwargs)
-        out.append(np.asarray(u[..., 0]))
+        if m < batch:                               # same shape as the other batches: no recompile
+            u0 = jax.numpy.concatenate([u0, jax.numpy.zeros((batch - m,) + u0.shape[1:], u0.dtype)])
+        res = draw(params, u0, jax.random.fold_in(noise_key, i) if draw.stochastic else None)
+        out.append(np.asarray(res.u[:m, ..., 0]))
     return np.concatenate(out)
 
 

@@ -21,7 +21,7 @@ from diffusion_jax.training.state import make_optimizer
 Array = Any
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)      # hashed by identity: a static key of compiled samplers
 class Experiment:
     config: Any
     sde: Family
@@ -39,6 +39,16 @@ class Experiment:
         def net(x, c_noise, train=train):
             return self.net.apply({"params": params}, x, c_noise, train=train, rngs=rngs)
         return lambda u, t: self.precond.eps(net, u, t)
+
+    def apply(self, params: Any, u: Array, t: Array) -> Array:
+        """eps(u, t_batch) of the preconditioned network with ``params`` (inference mode).
+
+        The calling convention of the samplers and the likelihood: params are an argument, never captured,
+        so one compiled program serves every checkpoint and EMA copy.
+        """
+        def net(x, c_noise, train=False):
+            return self.net.apply({"params": params}, x, c_noise, train=False)
+        return self.precond.eps(net, u, t)
 
     def init_params(self, seed: int) -> Any:
         """Network parameters from ``seed`` (shape inference only: no FLOPs are spent)."""

@@ -1,0 +1,188 @@
+r"""Sampler plans: the validated options of a method and its host-side float64 tables, cached by value.
+
+A :class:`Plan` holds everything a sampler needs that does not depend on the network or the initial state:
+the time grid and, per method, the coefficient tables (gDDIM's Psi, C_j, noise factors, m_{t'}, R_{t'};
+SSCS's half-step transitions and kicks; EDM-Heun's sigma steps). Plans are cached by (family value, method,
+NFE, square root, options), so a benchmark over many batches, seeds or checkpoints builds each table once.
+
+Options are strict: an option the chosen method does not use is an error that lists the method's options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import numpy as np
+
+from diffusion_jax.param.roots import SQUARE_ROOTS, OUTPUTS, SquareRoot, square_root
+from diffusion_jax.samplers.gddim import _psd_sqrt, gddim_coefficients
+from diffusion_jax.samplers.grids import GRIDS, noise_level, time_grid
+from diffusion_jax.sdes.base import Family
+
+# method -> (solver evaluations per step, extra evaluations) for the fixed-step diffrax solvers
+DIFFRAX_FIXED = {"euler": (1, 0), "heun": (2, 0), "midpoint": (2, 0), "tsit5": (6, 1)}
+DIFFRAX_ADAPTIVE = ("dopri5", "tsit5_adaptive")
+STOCHASTIC = ("euler_maruyama",)
+MAX_GDDIM_ORDER = 3
+
+# The options each method reads (besides the common ones); anything else is an error.
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    **{m: ("grid", "rho") for m in DIFFRAX_FIXED},
+    **{m: ("rtol", "atol", "max_steps") for m in DIFFRAX_ADAPTIVE},
+    "euler_maruyama": ("grid", "rho"),
+    "gddim": ("grid", "rho", "order", "lam"),
+    "sscs": ("grid", "rho", "lam"),
+    "edm_heun": ("rho", "ode_jump"),
+}
+METHODS = tuple(METHOD_OPTIONS)
+COMMON_OPTIONS = ("output", "K", "t_start", "t_end", "denoise_final", "return_trajectory")
+DEFAULTS: dict[str, Any] = dict(grid="uniform", rho=7.0, order=1, lam=0.0, rtol=1e-5, atol=1e-5, max_steps=16384,
+                                ode_jump=False)
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"sscs": dict(lam=1.0), "edm_heun": dict(grid="edm")}
+
+
+def is_stochastic(method: str, lam: float = 0.0) -> bool:
+    """Whether the method draws noise (and so needs a key)."""
+    return method in STOCHASTIC or (method in ("gddim", "sscs") and lam > 0)
+
+
+def check_options(method: str, nfe: int | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The method's full option set (defaults filled in); a ValueError naming the fix for anything else."""
+    if method not in METHOD_OPTIONS:
+        raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+    allowed = METHOD_OPTIONS[method]
+    bad = sorted(k for k in options if k not in allowed)
+    if bad:
+        raise ValueError(f"{method} does not use option(s) {', '.join(bad)}; its options are "
+                         f"{', '.join(allowed) or 'none'} (and {', '.join(COMMON_OPTIONS)})")
+    opts = {k: DEFAULTS[k] for k in allowed}
+    opts.update({k: v for k, v in METHOD_DEFAULTS.get(method, {}).items() if k in allowed})
+    opts.update(options)
+    if method in DIFFRAX_ADAPTIVE:
+        if nfe is not None:
+            raise ValueError(f"{method} is adaptive: its NFE follows from rtol/atol; do not pass nfe")
+        if not (opts["rtol"] > 0 and opts["atol"] > 0):
+            raise ValueError(f"{method}: rtol and atol must be > 0, got {opts['rtol']}, {opts['atol']}")
+        if not (isinstance(opts["max_steps"], (int, np.integer)) and opts["max_steps"] >= 1):
+            raise ValueError(f"{method}: max_steps must be a positive integer, got {opts['max_steps']!r}")
+    elif not (isinstance(nfe, (int, np.integer)) and not isinstance(nfe, bool) and nfe >= 1):
+        raise ValueError(f"nfe must be an integer >= 1 for {method}, got {nfe!r}")
+    if "grid" in opts and opts["grid"] not in GRIDS:
+        raise ValueError(f"unknown time grid {opts['grid']!r}; choose one of {GRIDS}")
+    if "rho" in options and method != "edm_heun" and opts.get("grid") != "edm":
+        raise ValueError("rho shapes the 'edm' grid only: pass grid='edm' with rho, or drop rho")
+    if "rho" in opts and not (opts["rho"] > 0):
+        raise ValueError(f"rho must be > 0, got {opts['rho']}")
+    if "lam" in opts and not (opts["lam"] >= 0 and math.isfinite(opts["lam"])):
+        raise ValueError(f"lam must be finite and >= 0, got {opts['lam']}")
+    if method == "gddim":
+        q = opts["order"]
+        if not (isinstance(q, (int, np.integer)) and 0 <= q <= MAX_GDDIM_ORDER):
+            raise ValueError(f"gddim order must be an integer in 0..{MAX_GDDIM_ORDER}, got {q!r}")
+        if q > nfe - 1:
+            raise ValueError(f"gddim order {q} needs {q + 1} eps values of history but nfe={nfe} "
+                             f"gives only {nfe}; use order <= {nfe - 1}")
+    if method in DIFFRAX_FIXED:
+        per_step, extra = DIFFRAX_FIXED[method]
+        if (nfe - extra) // per_step < 1:
+            raise ValueError(f"{method} needs nfe >= {per_step + extra} (one step), got nfe={nfe}")
+    return opts
+
+
+def check_model(output: str, K: str | SquareRoot) -> str:
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown model output {output!r}; choose one of {OUTPUTS}")
+    kind = K.kind if isinstance(K, SquareRoot) else K
+    if kind not in SQUARE_ROOTS:
+        raise ValueError(f"unknown square root K={K!r}; choose one of {SQUARE_ROOTS}")
+    return kind
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """A method's validated options, its time grid ``ts`` (host float64, decreasing) and its tables.
+
+    ``nfe`` is the exact number of network evaluations of one run (None for adaptive methods, whose count
+    is known after the solve); ``tables`` are host arrays passed to the compiled run as arguments.
+    """
+    method: str
+    options: tuple[tuple[str, Any], ...]
+    t_start: float
+    t_end: float
+    ts: np.ndarray
+    nfe: int | None
+    tables: dict[str, np.ndarray]
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+def _steps_for(method: str, nfe: int) -> int:
+    if method in DIFFRAX_FIXED:
+        per_step, extra = DIFFRAX_FIXED[method]
+        return (nfe - extra) // per_step
+    if method == "edm_heun":
+        return (nfe + 1) // 2                   # N steps cost 2N - 1 evaluations (last step Euler)
+    return nfe
+
+
+def make_plan(sde: Family, method: str, nfe: int | None = None, K: str = "R", t_start: float | None = None,
+              t_end: float | None = None, **options: Any) -> Plan:
+    """The validated, cached plan of ``method`` on ``sde`` (see the module docstring)."""
+    opts = check_options(method, nfe, options)
+    t_start = sde.T if t_start is None else float(t_start)
+    t_end = sde.t_min if t_end is None else float(t_end)
+    if not (0 < t_end < t_start <= sde.T):
+        raise ValueError(f"need 0 < t_end < t_start <= T={sde.T}, got t_end={t_end}, t_start={t_start}")
+    return _plan(sde, method, None if nfe is None else int(nfe), K, t_start, t_end, tuple(sorted(opts.items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(sde: Family, method: str, nfe: int | None, kind: str, t_start: float, t_end: float,
+          options: tuple) -> Plan:
+    opts = dict(options)
+    if method in DIFFRAX_ADAPTIVE:
+        ts = np.linspace(t_start, t_end, 33)                     # save points of a returned trajectory
+        return Plan(method, options, t_start, t_end, ts, None, {"ts": ts})
+    n = _steps_for(method, nfe)
+    ts = time_grid(sde, n, opts.get("grid", "edm"), t_start, t_end, opts.get("rho", 7.0))
+    tables: dict[str, np.ndarray] = {"ts": ts}
+    if method in DIFFRAX_FIXED:
+        per_step, extra = DIFFRAX_FIXED[method]
+        count = per_step * n + extra
+    elif method == "euler_maruyama":
+        count = n
+    elif method == "gddim":
+        c = gddim_coefficients(sde, square_root(sde, kind), tuple(float(t) for t in ts), opts["order"],
+                               float(opts["lam"]))
+        tables.update(psi=c["psi"], coef=c["coef"], noise=c["noise"], m_next=c["m_next"], r_next=c["r_next"])
+        count = n
+    elif method == "sscs":
+        tables.update(_sscs_tables(sde, ts, float(opts["lam"])))
+        count = n
+    else:                                                       # edm_heun
+        sig = noise_level(sde, ts)
+        # dt/dsigma at the nodes by a centred float64 difference of the exact noise level
+        h = 1e-6 * ts
+        hi = np.minimum(ts + h, sde.T)
+        dt_dsig = 1.0 / ((noise_level(sde, hi) - noise_level(sde, ts - h)) / (hi - (ts - h)))
+        tables.update(dsig=np.diff(sig), j0=dt_dsig[:-1], j1=dt_dsig[1:])
+        count = 2 * n - 1
+    return Plan(method, options, t_start, t_end, ts, count, tables)
+
+
+def _sscs_tables(sde: Family, ts: np.ndarray, lam: float) -> dict[str, np.ndarray]:
+    """Strang splitting: exact linear half-steps (with their noise) around an Euler step of the score part
+    du = -(1 + lam^2)/2 G G^T s dt at the step midpoint."""
+    n = len(ts) - 1
+    mids = 0.5 * (ts[:-1] + ts[1:])
+    return dict(
+        mids=mids,
+        half1=np.stack([sde.transition_np(t=mids[i], s=ts[i]) for i in range(n)]),
+        half2=np.stack([sde.transition_np(t=ts[i + 1], s=mids[i]) for i in range(n)]),
+        nz1=np.stack([_psd_sqrt(lam ** 2 * sde.reverse_covariance_np(mids[i], ts[i])) for i in range(n)]),
+        nz2=np.stack([_psd_sqrt(lam ** 2 * sde.reverse_covariance_np(ts[i + 1], mids[i])) for i in range(n)]),
+        kick=np.stack([0.5 * (1 + lam ** 2) * (ts[i] - ts[i + 1]) * sde.noise_matrix_np(mids[i]) for i in range(n)]))
