@@ -80,12 +80,12 @@ def test_imported_score_equals_reference_score_function(imported):
 
 
 def test_imported_run_samples_and_bpd(imported, tmp_path):
-    res = bench_nfe.run(imported, samplers="gddim,euler_maruyama", nfes="4", metric="fd-pixels", n_samples=8,
+    res = bench_nfe.run(imported, samplers="gddim,euler_maruyama", nfes="3", metric="fd-pixels", n_samples=4,
                         out=str(tmp_path / "bench"), floor_split=None, save_samples=False, verbose=False)
     rows = bench_nfe.read_results(res["csv"])
     assert {r["sampler"] for r in rows} >= {"gddim", "euler_maruyama"}
     assert all(np.isfinite(float(r["value"])) for r in rows)
-    s = bpd.run(imported, n=2, split="test", trace="hutchinson", t_eps=1e-3, batch=2, rtol=1e-3, atol=1e-3,
+    s = bpd.run(imported, n=2, split="test", trace="hutchinson", t_eps=1e-3, batch=2, rtol=1e-2, atol=1e-2,
                 out=str(tmp_path / "bpd.json"), verbose=False)
     assert np.isfinite(s["bpd_mean"]) and s["bpd_mean"] > 0
 
