@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("analyze", "learned vs optimal sampling trajectories of a trained run"),
     "demo": ("demo", "the embedded demo: toy and digits training, samples, quality versus NFE"),
     "tour": ("tour", "print the families and plot their marginals"),
+    "import-checkpoint": ("import_checkpoint", "import a published checkpoint (--format score_sde) as a run directory"),
 }
 
 

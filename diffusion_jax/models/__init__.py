@@ -9,12 +9,13 @@ import flax.linen as nn
 
 from diffusion_jax.models.ddpmpp import DDPMpp
 from diffusion_jax.models.mlp import MLP
+from diffusion_jax.models.ncsnpp import NCSNpp
 
-MODELS: Dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "ddpmpp": DDPMpp}
+MODELS: Dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "ddpmpp": DDPMpp, "ncsnpp": NCSNpp}
 
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the network called ``name`` ("mlp" or "ddpmpp") with ``kwargs`` as its fields."""
+    """Build the network called ``name`` ("mlp", "ddpmpp" or "ncsnpp") with ``kwargs`` as its fields."""
     try:
         cls = MODELS[name.lower()]
     except KeyError as e:
@@ -22,4 +23,4 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     return cls(**kwargs)
 
 
-__all__ = ["MLP", "DDPMpp", "MODELS", "get_model"]
+__all__ = ["MLP", "DDPMpp", "NCSNpp", "MODELS", "get_model"]

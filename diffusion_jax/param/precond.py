@@ -7,7 +7,9 @@ dimension, the state's per-coordinate variance is
     v_i(t) = sigma_data^2 m_{t,i}^2 + (Sigma_t)_{ii},       c_in,i(t) = v_i(t)^{-1/2},
 
 so the input u * c_in has unit scale at every t for every family (as EDM's c_in does for VE/VP).
-The time feature is c_noise(t) = 1000 t / T (the range score_sde's DDPM++ embedding was tuned for).
+The time feature c_noise(t) is ``time_input``: "1000t" = 1000 t / T (default; the range score_sde's
+DDPM++ positional embedding was tuned for), "log_t" = log t (what CLD-SGM feeds NCSN++'s Fourier
+features, of scale 16), or "t" = t.
 
 **Mixed score** (CLD-SGM): eps_theta = eps_ref(u, t) + net, where eps_ref is the exact eps of the
 Gaussian reference model x_0 ~ N(0, sigma_data^2): u_t ~ N(0, C_t), C_t = sigma_data^2 m m^T + Sigma_t, so
@@ -35,13 +37,17 @@ from diffusion_jax.param.roots import SquareRoot, square_root
 from diffusion_jax.sdes.base import Family
 
 Array = Any
+TIME_INPUTS = ("1000t", "log_t", "t")
 
 
 class Preconditioner:
     """Maps a network ``net(x, c_noise, train, **kw)`` to eps(u, t) for a linear family."""
 
     def __init__(self, sde: Family, K: str | SquareRoot = "R", sigma_data: float = 0.5,
-                 mixed: bool = False, c_out: bool = False):
+                 mixed: bool = False, c_out: bool = False, time_input: str = "1000t"):
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"unknown time input {time_input!r} (config.model.time_input); choose one of "
+                             f"{TIME_INPUTS}")
         if not (sigma_data > 0):
             raise ValueError(f"sigma_data must be positive, got {sigma_data}")
         if c_out and not mixed:
@@ -52,6 +58,7 @@ class Preconditioner:
         self.sigma_data = float(sigma_data)
         self.mixed = bool(mixed)
         self.scaled = bool(c_out)
+        self.time_input = time_input
 
     def _ref_cov(self, t: Array) -> Array:
         m = self.sde.mean_coefficient(t)
@@ -65,6 +72,10 @@ class Preconditioner:
         return 1.0 / jnp.sqrt(self.sde.mode_mean(jnp.diagonal(self._ref_cov(t), axis1=-2, axis2=-1)))
 
     def c_noise(self, t: Array) -> Array:
+        if self.time_input == "log_t":
+            return jnp.log(t)
+        if self.time_input == "t":
+            return t
         return 1000.0 * t / self.sde.T
 
     def eps_ref(self, u: Array, t: Array) -> Array:

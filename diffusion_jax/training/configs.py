@@ -15,7 +15,7 @@ OPTIMIZERS = ("adam", "adamw")
 DTYPES = ("float32", "bfloat16")
 
 # Family shorthands used in config names: cdhold3 = cdhold with n = 3.
-_FAMILY_SHORT = {"cdhold3": ("cdhold", {"n": 3}), "cdhold4": ("cdhold", {"n": 4})}
+_FAMILY_SHORT = {f"cdhold{n}": ("cdhold", {"n": n}) for n in (3, 4, 5, 6)}
 
 
 def family_config(short: str, **params) -> ml_collections.ConfigDict:
@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
         eval_split="test", image_size=0, random_flip=False, sigma_data=0.5))
     c.model = ml_collections.ConfigDict(dict(
         name="mlp", kwargs=ml_collections.ConfigDict({"hidden": 256, "depth": 3}), K="R",
-        mixed_score=False, c_out=False, dtype="float32"))
+        mixed_score=False, c_out=False, dtype="float32", time_input="1000t"))
     c.training = ml_collections.ConfigDict(dict(
         batch_size=256, num_steps=4000, objective="hsm", weighting="eps", t_eps=1e-5, log_every=100,
         ckpt_every=1000, keep=3, sample_every=0, async_checkpoints=True))
@@ -119,6 +119,42 @@ def celebahq256(family: str, **family_params) -> ml_collections.ConfigDict:
     return c
 
 
+# score_sde's NCSN++ (cont.) CIFAR-10 layout ("deep": 8 blocks per level), the network of CLD-SGM, PSLD,
+# gDDIM's CLD model and the CD-HOLD authors' code.
+NCSNPP_CIFAR10 = dict(
+    nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=8, attn_resolutions=(16,), dropout=0.1,
+    resblock_type="biggan", resamp_with_conv=True, fir=True, fir_kernel=(1, 3, 3, 1), skip_rescale=True,
+    progressive="none", progressive_input="residual", progressive_combine="sum",
+    embedding_type="fourier", fourier_scale=16.0, init_scale=0.0)
+
+
+def cifar10_ncsnpp(family: str, **family_params) -> ml_collections.ConfigDict:
+    """CIFAR-10 with NCSN++ (deep, Fourier features of log t) at the phase-space papers' scale:
+    Adam 2e-4, warm-up 5000, clip 1, EMA 0.9999, batch 128, 800k steps. Configs adjust per source."""
+    c = cifar10(family, **family_params)
+    c.model.name = "ncsnpp"
+    c.model.kwargs = ml_collections.ConfigDict(dict(NCSNPP_CIFAR10))
+    c.model.time_input = "log_t"            # Fourier features of log t, as CLD-SGM feeds them
+    c.training.num_steps = 800_000
+    return c
+
+
+def celebahq256_ncsnpp(family: str, **family_params) -> ml_collections.ConfigDict:
+    """CelebA-HQ 256 with CLD-SGM's 256-px network: NCSN++ code in its DDPM++ setting (BigGAN blocks, no
+    FIR, no pyramids, positional embedding), nf 128, ch_mult (1, 1, 2, 2, 2, 2, 2), 2 blocks, attention at
+    16, dropout 0.1; Adam 1e-4, clip 1, EMA 0.9999, batch 64, 320k steps."""
+    c = celebahq256(family, **family_params)
+    c.model.name = "ncsnpp"
+    c.model.kwargs = ml_collections.ConfigDict(dict(
+        NCSNPP_CIFAR10, ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2, fir=False, progressive_input="none",
+        embedding_type="positional"))
+    c.model.time_input = "1000t"
+    c.training.num_steps = 320_000
+    c.optim.lr = 1e-4
+    c.ema_rates = (0.9999,)
+    return c
+
+
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """The config of a file ``configs/<name>.py`` (its ``get_config()``) with ``--config.a.b=value`` overrides.
 
@@ -182,8 +218,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"unknown model {c.model.name!r} (config.model.name); known: {sorted(MODELS)}")
     if c.data.dataset == "toy2d" and c.model.name != "mlp":
         raise ValueError("toy 2-D data needs config.model.name='mlp'")
-    if c.data.dataset != "toy2d" and c.model.name != "ddpmpp":
-        raise ValueError(f"image data ({c.data.dataset}) needs config.model.name='ddpmpp'")
+    if c.data.dataset != "toy2d" and c.model.name not in ("ddpmpp", "ncsnpp"):
+        raise ValueError(f"image data ({c.data.dataset}) needs config.model.name='ddpmpp' or 'ncsnpp'")
     if c.model.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype must be one of {DTYPES}, got {c.model.dtype!r}")
     if c.model.get("c_out", False) and not c.model.mixed_score:

@@ -65,8 +65,13 @@ def build_experiment(config, data_shape: tuple[int, ...]) -> Experiment:
         raise ValueError(f"{sde.name} was built for data of shape {tuple(sde.data_shape)} but the data set "
                          f"gives {tuple(data_shape)}: set --config.family.params.shape='{tuple(data_shape)}'")
     sqrt = square_root(sde, config.model.K)
-    precond = Preconditioner(sde, sqrt, sigma_data=config.data.sigma_data, mixed=config.model.mixed_score,
-                             c_out=config.model.get("c_out", False))
+    if config.model.get("peer", ""):          # an imported checkpoint: the peer's own input/output conventions
+        from diffusion_jax.interop import make_peer_preconditioner
+        precond = make_peer_preconditioner(config.model.peer, sde, sqrt)
+    else:
+        precond = Preconditioner(sde, sqrt, sigma_data=config.data.sigma_data, mixed=config.model.mixed_score,
+                                 c_out=config.model.get("c_out", False),
+                                 time_input=config.model.get("time_input", "1000t"))
     width = network_channels(sde, data_shape)
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     kwargs = dict(config.model.kwargs)
