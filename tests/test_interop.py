@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import bench_nfe, bpd, configs
+from diffusion_jax.apps import bench_nfe, bpd
+from diffusion_jax.training import configs
 from diffusion_jax.interop import CheckpointMismatch, import_checkpoint
 from diffusion_jax.evaluation.torch_pickle import UnsafeCheckpointError
 from diffusion_jax.param import score_from_eps
