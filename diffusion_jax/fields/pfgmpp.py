@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from diffusion_jax.analysis.meanshift import kernel_weighted_mean
+from diffusion_jax.fields.kernels import StudentT, student_t_log_normaliser
 from diffusion_jax.models.mlp import MLP
 
 Array = Any
@@ -56,12 +56,9 @@ __all__ = [
 ]
 
 
-# ------------------------------------------------------------------ the kernel
+# ------------------------------------------------------------------ the kernel (fields.kernels.StudentT)
 def _check_d(D: float) -> float:
-    D = float(D)
-    if not (D > 0):
-        raise ValueError(f"augmentation dimension D must be > 0 (math.inf for VE/EDM), got {D}")
-    return D
+    return StudentT(D).D
 
 
 def _data_dim(y: Array) -> int:
@@ -84,18 +81,9 @@ def kernel_log_normaliser(N: int, D: float) -> float:
     """log C_{N,D} - (N/2) log D = lgamma((N+D)/2) - lgamma(D/2) - (N/2) log(pi D) (host float64).
 
     log p_sigma(x|y) = this - N log sigma - (N+D)/2 log1p(||x-y||^2 / (D sigma^2)); for D = inf the Gaussian
-    constant -(N/2) log(2 pi). Computed in float64: the two lgamma terms are ~D log D and cancel.
+    constant -(N/2) log(2 pi) (:func:`fields.kernels.student_t_log_normaliser`).
     """
-    D = _check_d(D)
-    if math.isinf(D):
-        return -0.5 * N * math.log(2.0 * math.pi)
-    if D > 1e7:
-        # lgamma(a + N/2) - lgamma(a) by its asymptotic series (float64 lgamma differences lose digits there)
-        a = 0.5 * D
-        h = 0.5 * N
-        diff = h * math.log(a) + h * (h - 1) / (2 * a) - h * (h - 1) * (2 * h - 1) / (12 * a * a)
-        return diff - 0.5 * N * math.log(math.pi * D)
-    return math.lgamma(0.5 * (N + D)) - math.lgamma(0.5 * D) - 0.5 * N * math.log(math.pi * D)
+    return student_t_log_normaliser(N, _check_d(D))
 
 
 def sample_kernel(key: Array, y: Array, sigma: float | Array, D: float) -> Array:
@@ -103,40 +91,17 @@ def sample_kernel(key: Array, y: Array, sigma: float | Array, D: float) -> Array
 
     x = y + sigma sqrt(D / (2 G)) g with g ~ N(0, I_N), G ~ Gamma(D/2) per example (see the module docstring).
     """
-    D = _check_d(D)
-    y = jnp.asarray(y)
-    _data_dim(y)
-    dtype = jnp.result_type(y.dtype, float)
-    s = _per_example(sigma, y)
-    k_dir, k_rad = jax.random.split(key)
-    g = jax.random.normal(k_dir, y.shape, dtype)
-    if math.isinf(D):
-        return y + s * g
-    gam = jax.random.gamma(k_rad, 0.5 * D, y.shape[:1], dtype)
-    scale = jnp.sqrt(0.5 * D / gam).reshape(s.shape)
-    return y + s * scale * g
+    return StudentT(D).sample(key, y, sigma)
 
 
 def kernel_logpdf(x: Array, y: Array, sigma: float | Array, D: float) -> Array:
     """log p_sigma(x | y), normalised, for rows x, y of shape (batch, *shape): shape (batch,)."""
-    D = _check_d(D)
-    x = jnp.asarray(x)
-    y = jnp.asarray(y)
-    if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}")
-    n = _data_dim(x)
-    s = _per_example(sigma, x).reshape(-1)
-    d2 = jnp.sum(jnp.square(x - y).reshape(x.shape[0], -1), axis=-1)
-    const = kernel_log_normaliser(n, D)
-    if math.isinf(D):
-        return const - n * jnp.log(s) - 0.5 * d2 / jnp.square(s)
-    return const - n * jnp.log(s) - 0.5 * (n + D) * jnp.log1p(d2 / (D * jnp.square(s)))
+    return StudentT(D).logpdf(x, y, sigma)
 
 
 def prior_sample(key: Array, shape: tuple[int, ...], sigma_max: float, D: float, dtype: Any = None) -> Array:
     """x ~ p_{sigma_max}(. | 0), shape (batch, *data_shape): the PFGM++ prior for sigma_max >> data scale."""
-    zeros = jnp.zeros(tuple(shape), dtype or jnp.result_type(float))
-    return sample_kernel(key, zeros, sigma_max, D)
+    return StudentT(D).prior_sample(key, shape, sigma_max, dtype)
 
 
 # ------------------------------------------------------------------ EDM preconditioning and loss
@@ -195,28 +160,11 @@ def empirical_denoiser(data: Array, x: Array, sigma: float | Array, D: float, ch
 
         D*(x, sigma) = sum_n w_n y_n / sum_n w_n,   w_n = (||x - y_n||^2 + r^2)^{-(N+D)/2},  r^2 = D sigma^2,
 
-    (w_n = exp(-||x - y_n||^2 / 2 sigma^2) for D = inf: a Gaussian mean-shift step). Weights are relative to
-    the nearest point, log(w_n / w_min) = -(N+D)/2 log1p((d_n - d_min) / (d_min + r^2)), streamed over chunks.
+    (w_n = exp(-||x - y_n||^2 / 2 sigma^2) for D = inf: a Gaussian mean-shift step); weights relative to the
+    nearest point, streamed over chunks (:meth:`fields.kernels.Kernel.empirical_denoiser`).
     ``sigma`` is a scalar (one noise level for the batch).
     """
-    D = _check_d(D)
-    data = jnp.asarray(data)
-    x = jnp.asarray(x)
-    if data.shape[1:] != x.shape[1:]:
-        raise ValueError(f"data {data.shape[1:]} and x {x.shape[1:]} differ in shape")
-    n = _data_dim(data)
-    s = jnp.asarray(sigma, jnp.result_type(x.dtype, float))
-    if s.ndim != 0:
-        raise ValueError(f"sigma must be a scalar here (vmap for per-example noise levels), got {s.shape}")
-    if math.isinf(D):
-        inv = 0.5 / jnp.square(s)
-        log_ratio = lambda d2, d2min: -(d2 - d2min) * inv
-    else:
-        r2 = D * jnp.square(s)
-        log_ratio = lambda d2, d2min: -0.5 * (n + D) * jnp.log1p((d2 - d2min) / (d2min + r2))
-    flat = data.reshape(data.shape[0], -1)
-    mean, _, _ = kernel_weighted_mean(flat, x.reshape(x.shape[0], -1), log_ratio, chunk)
-    return mean.reshape(x.shape).astype(x.dtype)
+    return StudentT(D).empirical_denoiser(data, x, sigma, chunk)
 
 
 # ------------------------------------------------------------------ sampling
