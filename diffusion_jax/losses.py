@@ -65,8 +65,18 @@ def stratified_times(key: Array, n: int, t_eps: float, T: float) -> Array:
 
 def perturb(sde: LinearSDE, sqrt: SquareRoot, key: Array, x0: Array, t: Array,
             objective: str = "hsm") -> tuple[Array, Array]:
-    """Draw u_t given data x0 (shape (batch, *data)) at times t (batch,); returns (u_t, eps target)."""
+    """Draw u_t given data x0 (shape (batch, *data)) at times t (batch,); returns (u_t, eps target).
+
+    A family with a ``sample_noise(key, shape, dtype)`` method (a force-field model) draws z from it
+    instead of N(0, I): u_t = m_t x0 + K_t z, target z (its minimiser E[z | u_t] gives the posterior mean).
+    """
     k_t = sqrt(t)
+    # --- force-field families (fields.family): u_t = x0 + sigma(t) n with the kernel's noise n (target n) ---
+    sample_noise = getattr(sde, "sample_noise", None)
+    if sample_noise is not None:
+        z = sample_noise(key, x0.shape + (sde.order,), x0.dtype)
+        return sde.lift(sde.mean_coefficient(t), x0) + sde.apply(k_t, z), z
+    # --- end force-field hook ---
     # k = 1: Sigma_0 = 0, so the state at 0 is known and DSM is HSM exactly.
     if objective == "hsm" or sde.order == 1:
         z = jax.random.normal(key, x0.shape + (sde.order,), x0.dtype)

@@ -74,6 +74,13 @@ def _validate(sde, fn, u_init, method, nfe, order, lam, key, output):
                              f"gives only {nfe}; use order <= {nfe - 1}")
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
+    # --- force-field families (fields.family): only the probability-flow ODE is exact for their kernel ---
+    if getattr(sde, "deterministic_only", False) and (method in STOCHASTIC or (method in ("gddim", "sscs")
+                                                                                 and lam > 0)):
+        raise ValueError(f"{sde.name} is a force-field ODE model: its noise is not Gaussian, so the stochastic "
+                         f"sampler {method} (lam={lam}) does not sample it; use an ODE method (edm_heun, heun, "
+                         f"euler, dopri5, ...) or gddim / sscs with lam=0")
+    # --- end force-field check ---
     if (method in STOCHASTIC or (method in ("gddim", "sscs") and lam > 0)) and key is None:
         raise ValueError(f"{method} with noise needs a PRNG key: pass key=jax.random.PRNGKey(...)")
     expected = u_init.shape[:-1] if output == "denoiser" else u_init.shape
