@@ -13,7 +13,7 @@ denoising step: the reported exact NFE is 2 ceil(budget/2), i.e. 10, 20, 36 for 
   points; the **floor** is the distance between two independent data samples of that size and the
   **Gaussian fit** the distance from samples of N(mean, cov) of the data;
 * digits (8x8): ``fd-pixels``, the Frechet distance between Gaussian fits of the flattened pixels in [0, 1]
-  (not FID), of 1000 samples to the training split; the **floor** is the test split (297 images) against
+  (not FID), of ``--digits-samples`` (1000) samples to the training split; the **floor** is the test split (297 images) against
   the same reference (smaller samples have larger Frechet distances, so the floor sits a little high).
 
 Runs resume from ``<out>/runs/<set>_<kernel>``. Writes ``fields.md`` and ``fields.csv``.
@@ -56,7 +56,7 @@ def _config(dataset: str, kernel: str, steps: int, D: float, toy: str):
 
 def run(out: str = "bench_out/fields", kernels=KERNELS, toy_steps: int = 2000, digits_steps: int = 1500,
         nfes=NFES, toy: str = "checkerboard", toy_d: float = 4.0, digits_d: float = 128.0,
-        digits: bool = True) -> list[dict]:
+        digits: bool = True, toy_set: bool = True, digits_samples: int = 1000) -> list[dict]:
     from diffusion_jax.bench_solvers import sliced_wasserstein
     from diffusion_jax.bench_toy import gaussian_fit_samples
     from diffusion_jax.data import load_split, to_image_space
@@ -66,7 +66,7 @@ def run(out: str = "bench_out/fields", kernels=KERNELS, toy_steps: int = 2000, d
 
     os.makedirs(out, exist_ok=True)
     rows = []
-    sets = [("toy2d", toy_steps, toy_d)] + ([("digits", digits_steps, digits_d)] if digits else [])
+    sets = ([("toy2d", toy_steps, toy_d)] if toy_set else []) + ([("digits", digits_steps, digits_d)] if digits else [])
     for dataset, steps, D in sets:
         for kernel in kernels:
             c = _config(dataset, kernel, steps, D, toy)
@@ -85,7 +85,7 @@ def run(out: str = "bench_out/fields", kernels=KERNELS, toy_steps: int = 2000, d
                 ref = to_image_space(load_split(c, "train"))
                 floor = frechet_distance_in(PIXELS, to_image_space(load_split(c, "test")), ref)["fd-pixels"]
                 base = float("nan")
-                n, metric = 1000, "fd-pixels"
+                n, metric = digits_samples, "fd-pixels"
             for nfe in nfes:
                 x = sample_data(exp, ema, jax.random.PRNGKey(1), n, "edm_heun", nfe)
                 if dataset == "toy2d":
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--toy-d", type=float, default=4.0, help="PFGM++ D on toy 2-D")
     p.add_argument("--digits-d", type=float, default=128.0, help="PFGM++ D on digits")
     p.add_argument("--skip-digits", action="store_true")
+    p.add_argument("--skip-toy", action="store_true")
+    p.add_argument("--digits-samples", type=int, default=1000, help="samples per digits cell (fd-pixels)")
     a = p.parse_args(argv)
     kernels = tuple(a.kernels.split(","))
     unknown = [k for k in kernels if k not in KERNELS]
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging
     logging.set_verbosity(logging.WARNING)
     run(a.out, kernels, a.toy_steps, a.digits_steps, tuple(int(n) for n in a.nfe.split(",")), a.toy, a.toy_d,
-        a.digits_d, not a.skip_digits)
+        a.digits_d, not a.skip_digits, not a.skip_toy, a.digits_samples)
     return 0
 
 
