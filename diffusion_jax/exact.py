@@ -399,7 +399,16 @@ def empirical_denoiser(sde, data: Array, u: Array, t: Array, chunk: int = 1024) 
     (rho = 1 exactly for a pixel-shared family); the weighted mean of the y_n is formed in pixel space. The
     data are streamed in chunks of ``chunk`` rows (a ``lax.scan`` with an online logsumexp, then the ragged
     remainder), so memory is O(chunk * d) beyond ``data`` itself.
+
+    A force-field family (:mod:`diffusion_jax.fields.family`, a VE core with a non-Gaussian kernel) gets the
+    posterior mean under its kernel at sigma(t) = sqrt(B(t)) instead; the score built from it
+    (:func:`empirical_score`) is then the VE-equivalent one whose probability-flow ODE is the field's ODE.
     """
+    # --- force-field families: the posterior mean under the family's kernel ---
+    kernel = getattr(sde, "kernel", None)
+    if kernel is not None:
+        return kernel.empirical_denoiser(data, u[None, :, 0], jnp.sqrt(sde.B(t)), chunk)[0]
+    # --- end force-field dispatch ---
     xhat, s2 = gls_estimate(sde, u, t)
     dtype = xhat.dtype
     n_data, d = data.shape

@@ -24,27 +24,22 @@ Sampling. The PFGM++ field lines, written in sigma = r / sqrt(D), are the EDM OD
 dx/dsigma = (x - D(x, sigma)) / sigma with D the posterior mean under the PFGM++ kernel. The prior is
 p_{r_max}, the data distribution convolved with the kernel at sigma_max; for sigma_max much larger than the
 data it is the kernel centred at 0, which is what :func:`prior_sample` draws (as the reference code of the
-paper does). The sampler here is EDM's deterministic one (Karras et al., Algorithm 1): Euler or Heun on a decreasing
-sigma grid, the Heun correction skipped on a step to sigma = 0.
+paper does). Training and sampling go through the library's loop and samplers: the ``pfgmpp`` family
+(:mod:`.family`, ``families.make("pfgmpp", D=...)``) is the VE core with this kernel's noise and prior, and
+``samplers.sample`` (e.g. ``edm_heun``) integrates the ODE; :func:`edm_sigmas` is EDM's noise grid.
 
-Not implemented: the construction of arXiv 2303.08063 (force-field ODE models) and GenPhys (arXiv
-2304.02637, e.g. Yukawa kernels). Their exact kernels, fields and samplers could not be verified from the
-sources available when this was written, so no such field is offered here rather than an unverified one.
+The kernel maths lives in :class:`diffusion_jax.fields.kernels.StudentT`; the functions here are its
+PFGM++-named entry points with D passed explicitly.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax import lax
 
-from diffusion_jax.analysis.meanshift import kernel_weighted_mean
-from diffusion_jax.models.mlp import MLP
+from diffusion_jax.fields.kernels import StudentT, student_t_log_normaliser
 
 Array = Any
 DenoiserFn = Callable[[Array, Array], Array]
@@ -52,16 +47,12 @@ DenoiserFn = Callable[[Array, Array], Array]
 __all__ = [
     "kernel_log_normaliser", "sample_kernel", "kernel_logpdf", "prior_sample", "edm_preconditioning",
     "precondition", "loss_weight", "lognormal_sigma", "denoiser_loss", "empirical_denoiser", "edm_sigmas",
-    "sample", "ToyResult", "train_toy",
 ]
 
 
-# ------------------------------------------------------------------ the kernel
+# ------------------------------------------------------------------ the kernel (fields.kernels.StudentT)
 def _check_d(D: float) -> float:
-    D = float(D)
-    if not (D > 0):
-        raise ValueError(f"augmentation dimension D must be > 0 (math.inf for VE/EDM), got {D}")
-    return D
+    return StudentT(D).D
 
 
 def _data_dim(y: Array) -> int:
@@ -84,18 +75,9 @@ def kernel_log_normaliser(N: int, D: float) -> float:
     """log C_{N,D} - (N/2) log D = lgamma((N+D)/2) - lgamma(D/2) - (N/2) log(pi D) (host float64).
 
     log p_sigma(x|y) = this - N log sigma - (N+D)/2 log1p(||x-y||^2 / (D sigma^2)); for D = inf the Gaussian
-    constant -(N/2) log(2 pi). Computed in float64: the two lgamma terms are ~D log D and cancel.
+    constant -(N/2) log(2 pi) (:func:`fields.kernels.student_t_log_normaliser`).
     """
-    D = _check_d(D)
-    if math.isinf(D):
-        return -0.5 * N * math.log(2.0 * math.pi)
-    if D > 1e7:
-        # lgamma(a + N/2) - lgamma(a) by its asymptotic series (float64 lgamma differences lose digits there)
-        a = 0.5 * D
-        h = 0.5 * N
-        diff = h * math.log(a) + h * (h - 1) / (2 * a) - h * (h - 1) * (2 * h - 1) / (12 * a * a)
-        return diff - 0.5 * N * math.log(math.pi * D)
-    return math.lgamma(0.5 * (N + D)) - math.lgamma(0.5 * D) - 0.5 * N * math.log(math.pi * D)
+    return student_t_log_normaliser(N, _check_d(D))
 
 
 def sample_kernel(key: Array, y: Array, sigma: float | Array, D: float) -> Array:
@@ -103,40 +85,17 @@ def sample_kernel(key: Array, y: Array, sigma: float | Array, D: float) -> Array
 
     x = y + sigma sqrt(D / (2 G)) g with g ~ N(0, I_N), G ~ Gamma(D/2) per example (see the module docstring).
     """
-    D = _check_d(D)
-    y = jnp.asarray(y)
-    _data_dim(y)
-    dtype = jnp.result_type(y.dtype, float)
-    s = _per_example(sigma, y)
-    k_dir, k_rad = jax.random.split(key)
-    g = jax.random.normal(k_dir, y.shape, dtype)
-    if math.isinf(D):
-        return y + s * g
-    gam = jax.random.gamma(k_rad, 0.5 * D, y.shape[:1], dtype)
-    scale = jnp.sqrt(0.5 * D / gam).reshape(s.shape)
-    return y + s * scale * g
+    return StudentT(D).sample(key, y, sigma)
 
 
 def kernel_logpdf(x: Array, y: Array, sigma: float | Array, D: float) -> Array:
     """log p_sigma(x | y), normalised, for rows x, y of shape (batch, *shape): shape (batch,)."""
-    D = _check_d(D)
-    x = jnp.asarray(x)
-    y = jnp.asarray(y)
-    if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}")
-    n = _data_dim(x)
-    s = _per_example(sigma, x).reshape(-1)
-    d2 = jnp.sum(jnp.square(x - y).reshape(x.shape[0], -1), axis=-1)
-    const = kernel_log_normaliser(n, D)
-    if math.isinf(D):
-        return const - n * jnp.log(s) - 0.5 * d2 / jnp.square(s)
-    return const - n * jnp.log(s) - 0.5 * (n + D) * jnp.log1p(d2 / (D * jnp.square(s)))
+    return StudentT(D).logpdf(x, y, sigma)
 
 
 def prior_sample(key: Array, shape: tuple[int, ...], sigma_max: float, D: float, dtype: Any = None) -> Array:
     """x ~ p_{sigma_max}(. | 0), shape (batch, *data_shape): the PFGM++ prior for sigma_max >> data scale."""
-    zeros = jnp.zeros(tuple(shape), dtype or jnp.result_type(float))
-    return sample_kernel(key, zeros, sigma_max, D)
+    return StudentT(D).prior_sample(key, shape, sigma_max, dtype)
 
 
 # ------------------------------------------------------------------ EDM preconditioning and loss
@@ -195,31 +154,14 @@ def empirical_denoiser(data: Array, x: Array, sigma: float | Array, D: float, ch
 
         D*(x, sigma) = sum_n w_n y_n / sum_n w_n,   w_n = (||x - y_n||^2 + r^2)^{-(N+D)/2},  r^2 = D sigma^2,
 
-    (w_n = exp(-||x - y_n||^2 / 2 sigma^2) for D = inf: a Gaussian mean-shift step). Weights are relative to
-    the nearest point, log(w_n / w_min) = -(N+D)/2 log1p((d_n - d_min) / (d_min + r^2)), streamed over chunks.
+    (w_n = exp(-||x - y_n||^2 / 2 sigma^2) for D = inf: a Gaussian mean-shift step); weights relative to the
+    nearest point, streamed over chunks (:meth:`fields.kernels.Kernel.empirical_denoiser`).
     ``sigma`` is a scalar (one noise level for the batch).
     """
-    D = _check_d(D)
-    data = jnp.asarray(data)
-    x = jnp.asarray(x)
-    if data.shape[1:] != x.shape[1:]:
-        raise ValueError(f"data {data.shape[1:]} and x {x.shape[1:]} differ in shape")
-    n = _data_dim(data)
-    s = jnp.asarray(sigma, jnp.result_type(x.dtype, float))
-    if s.ndim != 0:
-        raise ValueError(f"sigma must be a scalar here (vmap for per-example noise levels), got {s.shape}")
-    if math.isinf(D):
-        inv = 0.5 / jnp.square(s)
-        log_ratio = lambda d2, d2min: -(d2 - d2min) * inv
-    else:
-        r2 = D * jnp.square(s)
-        log_ratio = lambda d2, d2min: -0.5 * (n + D) * jnp.log1p((d2 - d2min) / (d2min + r2))
-    flat = data.reshape(data.shape[0], -1)
-    mean, _, _ = kernel_weighted_mean(flat, x.reshape(x.shape[0], -1), log_ratio, chunk)
-    return mean.reshape(x.shape).astype(x.dtype)
+    return StudentT(D).empirical_denoiser(data, x, sigma, chunk)
 
 
-# ------------------------------------------------------------------ sampling
+# ------------------------------------------------------------------ the EDM noise grid
 def edm_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                append_zero: bool = True) -> np.ndarray:
     """Karras et al.'s grid sigma_i = (s_max^{1/rho} + i/(n-1) (s_min^{1/rho} - s_max^{1/rho}))^rho, i < n,
@@ -232,130 +174,3 @@ def edm_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: f
     s = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     s[0], s[-1] = sigma_max, sigma_min
     return np.concatenate([s, [0.0]]) if append_zero else s
-
-
-def sample(denoiser_fn: DenoiserFn, x_init: Array, sigmas: Array, method: str = "heun",
-           return_trajectory: bool = False) -> tuple[Array, dict]:
-    """Integrate dx/dsigma = (x - D(x, sigma)) / sigma along the decreasing grid ``sigmas`` (L+1,).
-
-    ``denoiser_fn(x, sigma)`` gets x (batch, *shape) and sigma (batch,). ``method``: "euler" (one evaluation
-    per step) or "heun" (two, except one on a final step to sigma = 0, which is then x <- D(x, sigma)).
-    Returns (x_final, info) with ``nfe`` (exact count of denoiser evaluations), ``sigmas`` and, on request,
-    ``trajectory`` (L+1, batch, *shape) and ``denoised`` (D at sigma_0..sigma_{L-1}, (L, batch, *shape)).
-    """
-    if method not in ("euler", "heun"):
-        raise ValueError(f"unknown method {method!r}; choose 'euler' or 'heun'")
-    sig = np.asarray(sigmas, np.float64)
-    if sig.ndim != 1 or sig.size < 2 or not np.all(np.diff(sig) < 0) or sig[-1] < 0 or not np.all(np.isfinite(sig)):
-        raise ValueError("sigmas must be a finite, strictly decreasing 1-D grid ending at >= 0 "
-                         f"(got {sig[:4]}...)")
-    x_init = jnp.asarray(x_init)
-    dtype = x_init.dtype
-    ends_at_zero = sig[-1] == 0.0
-    n_heun = len(sig) - 1 - (1 if ends_at_zero else 0) if method == "heun" else 0
-    batch = x_init.shape[0]
-
-    def den(x, s):
-        return denoiser_fn(x, jnp.full((batch,), s, dtype))
-
-    def euler_step(x, pair):
-        s, s_next = pair[0], pair[1]
-        d = den(x, s)
-        # (x - d)/s * (s_next - s) + x; for s_next = 0 this is exactly d
-        x_next = jnp.where(s_next == 0, d, x + (s_next - s) * (x - d) / s)
-        return x_next, (x, d)
-
-    def heun_step(x, pair):
-        s, s_next = pair[0], pair[1]
-        d = den(x, s)
-        slope = (x - d) / s
-        x_eul = x + (s_next - s) * slope
-        slope2 = (x_eul - den(x_eul, s_next)) / s_next
-        return x + (s_next - s) * 0.5 * (slope + slope2), (x, d)
-
-    pairs = jnp.asarray(np.stack([sig[:-1], sig[1:]], axis=1), dtype)
-
-    @jax.jit
-    def run(x0):
-        parts_x, parts_d = [], []
-        x = x0
-        if method == "heun":
-            if n_heun > 0:
-                x, (tx, td) = lax.scan(heun_step, x, pairs[:n_heun])
-                parts_x.append(tx)
-                parts_d.append(td)
-            if ends_at_zero:
-                x, (tx, td) = lax.scan(euler_step, x, pairs[n_heun:])
-                parts_x.append(tx)
-                parts_d.append(td)
-        else:
-            x, (tx, td) = lax.scan(euler_step, x, pairs)
-            parts_x.append(tx)
-            parts_d.append(td)
-        traj = jnp.concatenate(parts_x + [x[None]], axis=0)
-        return x, traj, jnp.concatenate(parts_d, axis=0)
-
-    x, traj, dens = run(x_init)
-    n_steps = len(sig) - 1
-    nfe = 2 * n_heun + (n_steps - n_heun) if method == "heun" else n_steps
-    info = dict(nfe=nfe, sigmas=sig)
-    if return_trajectory:
-        info.update(trajectory=traj, denoised=dens)
-    return x, info
-
-
-# ------------------------------------------------------------------ a tiny 2-D training demo
-class ToyResult(NamedTuple):
-    """Output of :func:`train_toy`: trained ``params``, the per-step ``losses`` (steps,), the preconditioned
-    ``denoiser(params)`` -> D(x, sigma) factory, the flax ``net`` and the training ``data`` (n, 2)."""
-    params: Any
-    losses: np.ndarray
-    denoiser: Callable[[Any], DenoiserFn]
-    net: nn.Module
-    data: np.ndarray
-
-
-def train_toy(key: Array, steps: int = 1500, D: float = 128.0, batch: int = 256, lr: float = 2e-3,
-              hidden: int = 128, depth: int = 2, sigma_data: float = 0.5, data: Array | None = None,
-              n_data: int = 4096) -> ToyResult:
-    """Train a small MLP denoiser with the PFGM++ loss on 2-D data (default: an 8-Gaussian ring, radius 1,
-    component std 0.1, via :func:`exact.ring_of_gaussians`), Adam with a cosine-decayed rate.
-
-    The network sees c_in x and the embedding of 100 c_noise (a wider range for the sinusoidal embedding).
-    Training is one jitted ``lax.scan`` over the steps; a fresh minibatch is drawn from ``data`` each step.
-    """
-    from diffusion_jax.exact import ring_of_gaussians
-
-    _check_d(D)
-    k_data, k_init, k_train = jax.random.split(key, 3)
-    if data is None:
-        data = ring_of_gaussians(8, 1.0, 0.01).sample(k_data, n_data)
-    data = jnp.asarray(data, jnp.float32)
-    if data.ndim != 2:
-        raise ValueError(f"toy data must have shape (n, d), got {data.shape}")
-    net = MLP(out_dim=data.shape[1], hidden=hidden, depth=depth)
-    params = net.init(k_init, jnp.zeros((1, data.shape[1])), jnp.zeros((1,)))
-
-    def denoiser(p):
-        return precondition(lambda x_in, c_noise: net.apply(p, x_in, 100.0 * c_noise), sigma_data)
-
-    opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.05))
-    opt_state = opt.init(params)
-
-    def loss_fn(p, k):
-        k_idx, k_loss = jax.random.split(k)
-        y = data[jax.random.randint(k_idx, (batch,), 0, data.shape[0])]
-        return denoiser_loss(denoiser(p), k_loss, y, D, sigma_data=sigma_data)
-
-    @jax.jit
-    def train(p, s, keys):
-        def step(carry, k):
-            p, s = carry
-            loss, grads = jax.value_and_grad(loss_fn)(p, k)
-            updates, s = opt.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), loss
-        (p, s), losses = lax.scan(step, (p, s), keys)
-        return p, losses
-
-    params, losses = train(params, opt_state, jax.random.split(k_train, steps))
-    return ToyResult(params, np.asarray(losses), denoiser, net, np.asarray(data))

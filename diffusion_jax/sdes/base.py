@@ -50,6 +50,7 @@ class Family(Protocol):
     noise_rows: tuple[int, ...]        # phase-space rows the noise drives
     initial_variance: np.ndarray       # diag(Sigma_0), shape (k,); entry 0 (the data) is 0
     prior_covariance: np.ndarray       # covariance of the prior at T (k x k, per mode: the largest)
+    deterministic_only: bool           # only ODE samplers apply (non-Gaussian training noise)
 
     @property
     def key(self) -> Hashable: ...
@@ -76,6 +77,7 @@ class Family(Protocol):
     def prior_sample(self, key: Array, shape: tuple[int, ...]) -> Array: ...
     def prior_logp(self, u: Array, batch_ndim: int = 1) -> Array: ...
     def known_start(self) -> "Family": ...
+    def sample_noise(self, key: Array, shape: tuple[int, ...], dtype: Any = None) -> Array: ...
 
     # ---- host float64 (tables computed once per time grid)
     def transition_np(self, *, t: float, s: float) -> np.ndarray: ...
@@ -151,6 +153,9 @@ class FamilyBase:
     order: int
     mode_ndim: int = 0
     data_shape: tuple[int, ...] | None = None
+    #: True when only the probability-flow ODE samples the family (a non-Gaussian training noise, e.g. a
+    #: force-field model): stochastic samplers refuse it
+    deterministic_only: bool = False
 
     # ------------------------------------------------------------------ value identity, immutability
     def _check_horizon(self, T: float, t_min: float) -> None:
@@ -235,6 +240,11 @@ class FamilyBase:
     def embed(self, x0: Array) -> Array:
         """(x_0, 0, ..., 0): data (...) -> state (..., k)."""
         return jnp.concatenate([x0[..., None], jnp.zeros(x0.shape + (self.order - 1,), x0.dtype)], -1)
+
+    def sample_noise(self, key: Array, shape: tuple[int, ...], dtype: Any = None) -> Array:
+        """The standardised training noise z of u_t = m_t x_0 + K_t z: N(0, I) for a Gaussian family
+        (a force-field family draws its kernel's noise instead)."""
+        return jax.random.normal(key, tuple(shape), dtype or jnp.result_type(float))
 
     def data(self, u: Array) -> Array:
         """The data coordinate u[..., 0] of a state (..., k)."""

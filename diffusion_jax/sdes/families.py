@@ -226,9 +226,39 @@ def subvp(beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0, t_min: 
     return ModalSDE("subvp", None, SubVPLaw(LinearBeta(beta_min, beta_max)), T, t_min,
                     dict(beta_min=beta_min, beta_max=beta_max))
 
+
+# ------------------------------------------------------------------ force-field ODE models (fields.family)
+# The VE core with a non-Gaussian kernel's training noise and prior; imported on use (fields imports sdes).
+def pfgm(sigma_min: float = 0.002, sigma_max: float = 80.0, T: float = 1.0, t_min: float | None = None) -> LinearSDE:
+    """PFGM: the Cauchy kernel of gravitation in N + 1 dimensions (Student-t, D = 1), VE geometry."""
+    from diffusion_jax.fields.family import field_family
+    return field_family("pfgm", sigma_min, sigma_max, T, t_min)
+
+
+def pfgmpp(D: float = 128.0, sigma_min: float = 0.002, sigma_max: float = 80.0, T: float = 1.0,
+           t_min: float | None = None) -> LinearSDE:
+    """PFGM++: Student-t kernel with D augmented dimensions (r = sigma sqrt(D)), VE geometry."""
+    from diffusion_jax.fields.family import field_family
+    return field_family("pfgmpp", sigma_min, sigma_max, T, t_min, D=D)
+
+
+def radial_tanh(sigma_min: float = 0.002, sigma_max: float = 80.0, T: float = 1.0,
+                t_min: float | None = None) -> LinearSDE:
+    """Radial-CDF field with Psi = tanh, second moment aligned with VE, VE geometry."""
+    from diffusion_jax.fields.family import field_family
+    return field_family("radial_tanh", sigma_min, sigma_max, T, t_min)
+
+
+def radial_exp(sigma_min: float = 0.002, sigma_max: float = 80.0, T: float = 1.0,
+               t_min: float | None = None) -> LinearSDE:
+    """Radial-CDF field with Psi = 1 - e^{-r}, second moment aligned with VE, VE geometry."""
+    from diffusion_jax.fields.family import field_family
+    return field_family("radial_exp", sigma_min, sigma_max, T, t_min)
+
+
 FAMILIES: dict[str, Callable[..., LinearSDE | ModalSDE]] = {
     "vp": vp, "ve": ve, "cld": cld, "hold": hold, "cdhold": cdhold, "told": told, "psld": psld, "bdm": bdm,
-    "subvp": subvp,
+    "subvp": subvp, "pfgm": pfgm, "pfgmpp": pfgmpp, "radial_tanh": radial_tanh, "radial_exp": radial_exp,
 }
 
 

@@ -23,6 +23,21 @@ def family_config(short: str, **params) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"name": name, "params": {**base, **params}})
 
 
+#: force-field ODE families (diffusion_jax.fields.family): ODE samplers only
+FIELD_FAMILIES = ("pfgm", "pfgmpp", "radial_tanh", "radial_exp")
+
+
+def field_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Settings for a force-field family: the EDM preconditioning in eps form (mixed score with c_out:
+    D = c_skip u + c_out F), Heun in the noise level (edm_heun) at NFE 35 (18 steps), evaluated at 10/20/35."""
+    c.model.mixed_score = True
+    c.model.c_out = True
+    c.sampling.method = "edm_heun"
+    c.sampling.nfe = 35
+    c.sampling.eval_nfe = (10, 20, 35)
+    return c
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -209,6 +224,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.family.name not in FAMILIES:
         raise ValueError(f"unknown family {c.family.name!r} (config.family.name); "
                          f"known: {', '.join(sorted(FAMILIES))}")
+    if c.family.name in FIELD_FAMILIES and (c.sampling.method == "euler_maruyama" or (
+            c.sampling.method in ("gddim", "sscs") and c.sampling.get("lam", 1.0 if c.sampling.method == "sscs"
+                                                                        else 0.0) > 0)):
+        raise ValueError(f"{c.family.name} is a force-field ODE model: config.sampling.method="
+                         f"{c.sampling.method!r} adds Gaussian noise; use 'edm_heun', 'heun', 'dopri5' or 'gddim'")
     if c.data.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {c.data.dataset!r} (config.data.dataset); known: {DATASETS}")
     if c.data.dataset == "toy2d" and c.data.toy_name not in TOY_SETS:

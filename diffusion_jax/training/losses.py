@@ -57,11 +57,15 @@ def stratified_times(key: Array, n: int, t_eps: float, T: float) -> Array:
 
 def perturb(sde: Family, sqrt: SquareRoot, key: Array, x0: Array, t: Array,
             objective: str = "hsm") -> tuple[Array, Array]:
-    """Draw u_t given data x0 (shape (batch, *data)) at times t (batch,); returns (u_t, eps target)."""
+    """Draw u_t given data x0 (shape (batch, *data)) at times t (batch,); returns (u_t, eps target).
+
+    z comes from the family's ``sample_noise`` (N(0, I), or a force-field kernel's standardised noise):
+    u_t = m_t x0 + K_t z with target z, whose minimiser E[z | u_t] gives the posterior mean in either case.
+    """
     k_t = sqrt(t)
     # k = 1: Sigma_0 = 0, so the state at 0 is known and DSM is HSM exactly.
     if objective == "hsm" or sde.order == 1:
-        z = jax.random.normal(key, x0.shape + (sde.order,), x0.dtype)
+        z = sde.sample_noise(key, x0.shape + (sde.order,), x0.dtype)
         return sde.lift(sde.mean_coefficient(t), x0) + sde.apply(k_t, z), z
     k_a, k_z = jax.random.split(key)
     aux_sd = jnp.sqrt(jnp.asarray(sde.initial_variance, x0.dtype))

@@ -1,0 +1,6 @@
+"""Toy 2-D checkerboard, radial-CDF field Psi = tanh (second moment aligned with VE)."""
+from diffusion_jax.configs import field_model, toy2d
+
+
+def get_config():
+    return field_model(toy2d("radial_tanh"))
