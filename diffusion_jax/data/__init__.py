@@ -94,7 +94,8 @@ def tfds_source(dataset: str, split: str, data_dir: str, manual_dir: str = ""):
         digits.prepare(data_dir)
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except (DatasetNotFoundError, AssertionError, FileNotFoundError) as e:   # what tfds raises for missing data
+    # what tfds raises for data that is missing, or not prepared in a random-access format (array_record)
+    except (DatasetNotFoundError, AssertionError, FileNotFoundError, NotImplementedError) as e:
         if dataset == "celeb_a_hq":
             hint = (f"put the CelebA-HQ files that tfds' celeb_a_hq documents into the manual dir "
                     f"({manual_dir or '<data_dir>/downloads/manual'}) and run `tfds build celeb_a_hq/256 "
