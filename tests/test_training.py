@@ -177,6 +177,15 @@ def test_toy_training_learns_the_ring(tmp_path, config):
 
 
 def test_bfloat16_compute_and_periodic_samples(tmp_path):
+    """model.dtype='bfloat16': the network's matmuls in the jitted training step (forward and backward) run on
+    bfloat16 operands, parameters stay float32, and the trained network's output differs from the same
+    network in float32 by bfloat16 rounding (far above float32 rounding)."""
+    import dataclasses
+    import jax.numpy as jnp
+    from test_models import matmul_dtypes
+    from diffusion_jax.training.state import create_state
+    from diffusion_jax.training.step import train_step_fn
+
     c = _toy("toy2d_cld.py", model__dtype="bfloat16", training__num_steps=4, training__ckpt_every=4,
              training__log_every=2, training__sample_every=4, training__batch_size=64)
     c.sampling.nfe = 5
@@ -187,6 +196,23 @@ def test_bfloat16_compute_and_periodic_samples(tmp_path):
     assert (tmp_path / "samples" / "step_00000004.png").exists()
     leaves = jax.tree_util.tree_leaves(out["state"].params)
     assert all(leaf.dtype == np.float32 for leaf in leaves)        # bf16 compute, float32 parameters
+    exp, params = out["experiment"], out["state"].params
+    # The step's matmuls: one per Dense layer forward, and its kernel gradient backward, all in bfloat16
+    # (the float32 ones are the family's k x k matrices in the loss and preconditioning).
+    n_dense = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(params) if "kernel" in str(path[-1]))
+    state = create_state(params, exp.tx, c.ema_rates, c.seed)
+    ops = matmul_dtypes(train_step_fn(exp), state, jnp.zeros((64, 2), jnp.float32))
+    assert ops.count("bfloat16/bfloat16") >= 2 * n_dense >= 2 * 6, (n_dense, ops)
+    # Same trained parameters, float32 compute: relative output change of bfloat16 size.
+    shape = exp.precond.to_network(jnp.zeros((256,) + exp.data_shape + (exp.sde.order,))).shape
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    t = jnp.linspace(0.0, 999.0, 256)
+    net32 = dataclasses.replace(exp.net, dtype=jnp.float32)
+    y16 = exp.net.apply({"params": params}, x, t)
+    y32 = net32.apply({"params": params}, x, t)
+    rel = float(jnp.linalg.norm(y16 - y32) / jnp.linalg.norm(y32))
+    print(f"bf16 step: {ops.count('bfloat16/bfloat16')} bf16 matmuls ({n_dense} Dense layers), output rel. change {rel:.2e}")
+    assert y16.dtype == jnp.float32 and 1e-3 < rel < 0.1, rel
 
 
 def test_periodic_sampling_compiles_once(tmp_path):
