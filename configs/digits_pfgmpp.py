@@ -1,5 +1,5 @@
 """scikit-learn 8x8 digits, PFGM++ with D = 128, small DDPM++."""
-from diffusion_jax.configs import field_model, digits
+from diffusion_jax.training.configs import field_model, digits
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """Toy 2-D checkerboard, radial-CDF field Psi = tanh (second moment aligned with VE)."""
-from diffusion_jax.configs import field_model, toy2d
+from diffusion_jax.training.configs import field_model, toy2d
 
 
 def get_config():

@@ -45,7 +45,8 @@ def test_empirical_field_integrated_by_the_library_samplers_lands_on_training_po
 
 
 def test_field_families_refuse_stochastic_samplers_and_bad_parameters():
-    from diffusion_jax.training import configs, samplers, sdes
+    from diffusion_jax import samplers, sdes
+    from diffusion_jax.training import configs
     sde = sdes.make("pfgmpp", D=16.0)
     u0 = samplers.prior_init(sde, jax.random.PRNGKey(0), 4, (2,))
     fn = lambda u, t: jnp.zeros(u.shape[:-1])

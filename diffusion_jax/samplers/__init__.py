@@ -162,9 +162,9 @@ def compile(sde: Family, apply: Callable, *, method: str, nfe: int | None = None
     kind = check_model(output, K)
     plan = make_plan(sde, method, nfe, kind, t_start, t_end, **options)
     if sde.deterministic_only and is_stochastic(method, plan.opts.get("lam", 0.0)):
-        raise ValueError(f"{sde.name} is sampled by its probability-flow ODE only (its training noise is not "
-                         f"Gaussian), so {method} with noise does not apply; use an ODE method (edm_heun, heun, "
-                         f"euler, dopri5, ...) or gddim / sscs with lam=0")
+        raise ValueError(f"{sde.name} is sampled by its probability-flow ODE only (a force-field ODE model: its "
+                         f"training noise is not Gaussian), so {method} with noise does not apply; use an ODE method "
+                         f"(edm_heun, heun, euler, dopri5, ...) or gddim / sscs with lam=0")
     return Sampler(sde, apply, plan, output, kind, bool(denoise_final), bool(return_trajectory))
 
 
