@@ -1,37 +1,84 @@
-"""Sampling a trained run (any sampler of :mod:`diffusion_jax.samplers`) and saving sample figures."""
+"""Sampling a trained run (any sampler of :mod:`diffusion_jax.samplers`) and saving sample figures.
+
+:func:`compile_sampler` is the one place where training draws samples: ONE jitted function
+``draw(params, u0, key) -> x_0`` with the parameters as an argument (never closed over), compiled once
+per (method, nfe, order, grid, shapes) and reused for every checkpoint or EMA copy; on a mesh the
+parameters are replicated global arrays and ``u0`` is split along 'data', so it also runs when the
+parameters span several hosts.
+"""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax.data import to_image_space
-from diffusion_jax.samplers import prior_init, sample
+from diffusion_jax.samplers import STOCHASTIC, prior_init, sample
 from diffusion_jax.training.setup import Experiment
 
 Array = Any
+
+
+def _uses_key(method: str, kwargs: dict) -> bool:
+    lam = kwargs.get("lam", 1.0 if method == "sscs" else 0.0)
+    return method in STOCHASTIC or (method in ("gddim", "sscs") and bool(lam))
+
+
+def compile_sampler(exp: Experiment, method: str = "gddim", nfe: int = 50, *, order: int = 1,
+                    grid: str = "uniform", mesh: Mesh | None = None, **sampler_kwargs: Any
+                    ) -> Callable[[Any, Array, Array], Array]:
+    """``draw(params, u0, key) -> x_0`` (the data coordinate after a final denoising step), jitted once.
+
+    The final step maps u at t_min to the denoiser output D(u, t_min) = E[x_0 | u] (one more network
+    evaluation; ``denoise_final``), which every family needs for clean data at its auxiliary coordinates.
+    ``key`` drives the sampler's noise (stochastic methods); ``mesh``: params replicated, ``u0`` split
+    along 'data' when its batch divides the mesh, the result replicated (readable on every process).
+    """
+    kwargs = dict(sampler_kwargs)
+    kwargs.setdefault("denoise_final", True)
+    noisy = _uses_key(method, kwargs)
+
+    def draw(params: Any, u0: Array, key: Array) -> Array:
+        fn = exp.eps_fn(params, train=False)
+        u, _ = sample(exp.sde, fn, u0, method=method, nfe=nfe, output="eps", K=exp.sqrt, order=order,
+                      grid=grid, key=key if noisy else None, **kwargs)
+        return u[..., 0]
+
+    if mesh is None:
+        return jax.jit(draw)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(draw, in_shardings=(replicated, None, replicated), out_shardings=replicated)
+
+
+def prior_sampler(exp: Experiment, n: int, mesh: Mesh | None = None) -> Callable[[Array], Array]:
+    """``key -> u0`` (n prior draws), jitted, created split along 'data' when n divides the mesh."""
+    def init(key):
+        return prior_init(exp.sde, key, n, exp.data_shape)
+    if mesh is None:
+        return jax.jit(init)
+    spec = P("data") if n % mesh.devices.size == 0 else P()
+    return jax.jit(init, out_shardings=NamedSharding(mesh, spec))
 
 
 def sample_data(exp: Experiment, params: Any, key: Array, n: int, method: str = "gddim", nfe: int = 50,
                 batch: int | None = None, **sampler_kwargs: Any) -> np.ndarray:
     """n samples x_0 (data coordinate of the final state, with a final denoising step), shape (n, *data).
 
-    The final step maps u at t_min to the denoiser output D(u, t_min) = E[x_0 | u] (one more network
-    evaluation; ``denoise_final``), which every family needs for clean data at its auxiliary coordinates.
+    Batch i starts from ``prior_init(sde, fold_in(key, i), m)``; the sampler's noise (stochastic
+    methods) comes from ``fold_in(key, 1)``. One compiled :func:`compile_sampler` per call, reused
+    across batches of the same size.
     """
-    fn = exp.eps_fn(params, train=False)
+    draw = compile_sampler(exp, method, nfe, **sampler_kwargs)
+    noise_key = jax.random.fold_in(key, 1)
     out = []
     batch = batch or n
-    sampler_kwargs.setdefault("denoise_final", True)
-    if method in ("euler_maruyama", "sscs") or sampler_kwargs.get("lam", 0.0):
-        sampler_kwargs.setdefault("key", jax.random.fold_in(key, 1))
     for i, start in enumerate(range(0, n, batch)):
         m = min(batch, n - start)
         u0 = prior_init(exp.sde, jax.random.fold_in(key, i), m, exp.data_shape)
-        u, _ = sample(exp.sde, fn, u0, method=method, nfe=nfe, output="eps", K=exp.sqrt, **sampler_kwargs)
-        out.append(np.asarray(u[..., 0]))
+        out.append(np.asarray(draw(params, u0, noise_key)))
     return np.concatenate(out)
 
 
