@@ -85,7 +85,11 @@ def train(config, workdir: str, *, stop_after: int | None = None, coordinator_ad
     data_ckpt = Checkpointable(iterator)
     start = 0
     if ckpt.latest_step() is not None:
-        state, start = ckpt.restore(abstract_state(exp, replicated), data_ckpt)
+        try:
+            state, start = ckpt.restore(abstract_state(exp, replicated), data_ckpt)
+        except BaseException:
+            ckpt.close()
+            raise
         log(f"resumed from step {start} ({ckpt.directory})")
     else:
         for name in ckpt.incomplete_steps():
@@ -161,7 +165,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, coordinator_ad
             state, metrics = step_fn(state, next_batch())
             step += k
             pending.append((step, metrics))
-            progress(step)
+            for s in range(step - k + 1, step + 1):     # clu wants every step
+                progress(s)
             # Every process checks every step number (the sync protocol needs each of them).
             preempted = any([preemption.reached(s, ckpt.manager) for s in range(step - k + 1, step + 1)])
             if step % tcfg.log_every == 0 or step == tcfg.num_steps or preempted:
