@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-nfe": ("bench_nfe", "sample quality (fd-pixels, kid-pixels, FID) versus NFE of a trained run"),
     "bench-solvers": ("bench_solvers", "exact-score sampler error versus NFE for every family (no network)"),
     "bench-toy": ("bench_toy", "train every family on a 2-D toy set and report sliced W2"),
+    "bench-train": ("bench_train", "training steps/s for several n_steps_per_call values, with a bitwise check"),
     "bench-fields": ("bench_fields", "every force-field kernel and VE side by side (toy 2-D and digits)"),
     "bench-overhead": ("bench_overhead", "sampler cost: compile time and non-network share of a gDDIM sample"),
     "bpd": ("bpd", "bits/dim of a trained run through the probability-flow ODE"),

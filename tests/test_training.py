@@ -1,7 +1,7 @@
-"""Training: sharding invariance, exact resume after SIGKILL, NaN handling, bad configs, learning."""
+"""Training: sharding invariance, NaN handling, bad configs, n_steps_per_call, SIGTERM, checkpoint safety,
+learning. (Multi-process runs, SIGKILL and multi-host preemption: tests/test_multihost.py.)"""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -59,38 +59,10 @@ def test_same_result_on_8_devices_and_on_1(tmp_path):
     # The batch must split evenly over the devices, and the error says how to fix it.
     proc = _driver("toy2d_cld.py", tmp_path / "bad", tmp_path / "bad.npz",
                    ["training.batch_size=60", "training.num_steps=2"], devices=8)
-    assert proc.returncode != 0 and "not divisible by the 8 devices" in proc.stdout + proc.stderr
-
-
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
-    data_dir = str(tmp_path / "tfds")
-    overrides = TINY_DIGITS + ["training.num_steps=120", "training.ckpt_every=10", "training.log_every=10"]
-    full = _driver("digits_cld.py", tmp_path / "full", tmp_path / "full.npz", overrides, data_dir=data_dir)
-    assert full.returncode == 0, full.stdout + full.stderr
-
-    proc = _driver("digits_cld.py", tmp_path / "killed", tmp_path / "unused.npz", overrides,
-                   background=True, data_dir=data_dir)
-    ckdir = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckdir.exists() and any(p.name.isdigit() and int(p.name) >= 20 for p in ckdir.iterdir()):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    latest = Checkpointer(str(tmp_path / "killed"), async_save=False).latest_step()
-    assert latest is not None and 20 <= latest < 120
-
-    resumed = _driver("digits_cld.py", tmp_path / "killed", tmp_path / "resumed.npz", overrides,
-                      data_dir=data_dir)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resumed from step" in resumed.stdout + resumed.stderr
-    a, b = np.load(tmp_path / "full.npz"), np.load(tmp_path / "resumed.npz")
-    assert sorted(a.files) == sorted(b.files)
-    for k in a.files:
-        assert np.array_equal(a[k], b[k]), f"{k} differs after resume"
-    assert json.loads(bytes(a["__data__"]))["next_index"] > 0      # the grain order was restored too
+    assert proc.returncode != 0
+    line = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "ConfigError" in ln][-1]
+    assert "config.training.batch_size=60 is not divisible by the 8 devices" in line
+    assert not (tmp_path / "bad").exists()                          # nothing written to the workdir
 
 
 def _toy(name="toy2d_vp.py", **over):
@@ -132,12 +104,134 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     ("data.toy_name", "moons", "unknown toy set 'moons'"),
     ("training.objective", "sm", "unknown training objective"),
     ("optim.optimizer", "sgd", "config.optim.optimizer"),
+    ("sampling.method", "ddim", r"unknown sampling method 'ddim' \(config.sampling.method\)"),
+    ("sampling.method", "dopri5", "config.sampling.method='dopri5' is adaptive"),
+    ("sampling.nfe", 0, "config.sampling.nfe must be an integer >= 1, got 0"),
+    ("sampling.order", 4, "config.sampling.order .* 0..3, got 4"),
+    ("sampling.grid", "cosine", r"unknown time grid 'cosine' \(config.sampling.grid\)"),
+    ("training.n_steps_per_call", 3, "config.training.num_steps=40 is not a multiple of "
+                                     "config.training.n_steps_per_call=3"),
+    ("training.sample_every", -1, "config.training.sample_every must be"),
+    ("mesh.data", 0, "config.mesh.data must be -1"),
 ])
-def test_bad_config_names_the_fix(tmp_path, field, value, match):
-    c = _toy(**{field.replace(".", "__"): value})
-    with pytest.raises(ValueError, match=match):
-        train(c, str(tmp_path))
-    assert not (tmp_path / "checkpoints").exists()
+def test_bad_config_names_the_field_before_any_compile_or_write(tmp_path, field, value, match):
+    from diffusion_jax.training.configs import ConfigError
+    over = dict(training__num_steps=40, training__sample_every=8)
+    over[field.replace(".", "__")] = value
+    c = _toy(**over)
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if "compile" in event:
+            compiles.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with pytest.raises(ConfigError, match=match) as info:
+            train(c, str(tmp_path / "run"))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert "\n" not in str(info.value)                              # one line
+    assert compiles == [] and not (tmp_path / "run").exists()
+
+
+def test_n_steps_per_call_is_bitwise_equal_to_single_steps(tmp_path):
+    states = {}
+    for k in (1, 4):
+        c = _toy("toy2d_cld.py", training__num_steps=8, training__ckpt_every=8, training__log_every=4,
+                 training__batch_size=64, training__n_steps_per_call=k)
+        out = train(c, str(tmp_path / f"k{k}"))
+        assert int(out["state"].step) == 8 and out["iterator_state"] == {"step": 8}
+        states[k] = jax.tree_util.tree_leaves(jax.device_get(out["state"]))
+    assert all(np.array_equal(a, b) for a, b in zip(states[1], states[4]))
+    np.testing.assert_array_equal(_losses(tmp_path / "k1"), _losses(tmp_path / "k4"))
+
+
+def test_sigterm_saves_at_the_next_step_and_resumes_exactly(tmp_path):
+    """Single process: SIGTERM -> checkpoint at the next step boundary, return normally; the resume
+    equals an uninterrupted run. (Several processes: tests/test_multihost.py.)"""
+    import threading
+    kw = dict(training__num_steps=400, training__ckpt_every=100, training__log_every=100,
+              training__batch_size=32, model__kwargs__hidden=16)
+    full = train(_toy("toy2d_cld.py", **kw), str(tmp_path / "full"))
+    work = tmp_path / "run"
+    ckdir = work / "checkpoints"
+
+    def watch():            # SIGTERM as soon as the first checkpoint exists (mid-run)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if ckdir.exists() and any(p.name.isdigit() for p in ckdir.iterdir()):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    part = train(_toy("toy2d_cld.py", **kw), str(work))
+    watcher.join()
+    assert part["preempted"] and 100 <= part["step"] < 400, part["step"]
+    assert Checkpointer(str(work), async_save=False).latest_step() == part["step"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL       # handler restored
+    rest = train(_toy("toy2d_cld.py", **kw), str(work))
+    assert rest["start"] == part["step"] and not rest["preempted"]
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(full["state"])),
+                    jax.tree_util.tree_leaves(jax.device_get(rest["state"]))):
+        assert np.array_equal(a, b)
+
+
+def test_unreadable_newest_checkpoint_falls_back_and_deletes_nothing(tmp_path, capsys):
+    from diffusion_jax.training.checkpoint import CheckpointError
+    from diffusion_jax.training.setup import abstract_state, make_mesh, shardings
+    kw = dict(training__num_steps=8, training__ckpt_every=4, training__log_every=4, training__batch_size=32,
+              model__kwargs__hidden=16)
+    c = _toy("toy2d_cld.py", **kw)
+    train(c, str(tmp_path))
+    _, good = load_run(str(tmp_path), step=4)
+    state_files = [p for p in (tmp_path / "checkpoints" / "8" / "state").rglob("*") if p.is_file()]
+    data_files = [p for p in state_files if p.stat().st_size > 0 and "/d/" in str(p)]
+    assert data_files
+    for p in data_files:                       # truncate the array data of the newest checkpoint
+        with open(p, "r+b") as f:
+            f.truncate(p.stat().st_size // 2)
+    n_files = sum(1 for p in tmp_path.rglob("*") if p.is_file())
+    n_step8 = sum(1 for p in (tmp_path / "checkpoints" / "8").rglob("*") if p.is_file())
+    # An explicit step: the error names step, directory and cause (chained); nothing changes.
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    exp, _ = load_run(str(tmp_path), step=4)
+    target = abstract_state(exp, shardings(make_mesh(c))[0])
+    with pytest.raises(CheckpointError, match=r"checkpoint step 8 in .*checkpoints could not be restored") as info:
+        ckpt.restore(target, step=8)
+    ckpt.close()
+    assert info.value.__cause__ is not None and "delete" not in str(info.value)
+    assert sum(1 for p in tmp_path.rglob("*") if p.is_file()) == n_files
+    # An interrupted write newer than everything (orbax's temporary directory) is reported and skipped.
+    (tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1").mkdir()
+    # Resuming: falls back to step 4 with a message naming step 8 and the cause; step 8 is moved aside.
+    capsys.readouterr()
+    out = train(_toy("toy2d_cld.py", **kw), str(tmp_path))
+    text = capsys.readouterr().out
+    assert "12.orbax-checkpoint-tmp-1" in text and "interrupted write" in text
+    assert "checkpoint step 8 in" in text and "could not be restored (" in text and "resuming from step 4" in text
+    assert out["start"] == 4 and int(out["state"].step) == 8
+    moved = tmp_path / "checkpoints_unreadable" / "8"
+    assert moved.is_dir() and sum(1 for p in moved.rglob("*") if p.is_file()) == n_step8
+    assert (tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1").is_dir()
+    assert sum(1 for p in tmp_path.rglob("*") if p.is_file()) >= n_files       # nothing deleted
+    # The previous checkpoint restored exactly.
+    _, again = load_run(str(tmp_path), step=4)
+    for a, b in zip(jax.tree_util.tree_leaves(good), jax.tree_util.tree_leaves(again)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_run_uses_the_config_in_the_checkpoint(tmp_path):
+    c = _toy("toy2d_cld.py", training__num_steps=4, training__ckpt_every=4, training__log_every=4,
+             training__batch_size=32, model__kwargs__hidden=24)
+    out = train(c, str(tmp_path))
+    other = _toy("toy2d_cld.py", model__kwargs__hidden=48)          # a later run rewrote config.json
+    (tmp_path / "config.json").write_text(other.to_json_best_effort())
+    exp, state = load_run(str(tmp_path))
+    assert exp.config.model.kwargs.hidden == 24 and exp.config.model.kwargs == c.model.kwargs
+    for a, b in zip(jax.tree_util.tree_leaves(out["state"].params), jax.tree_util.tree_leaves(state.params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_missing_dataset_names_the_directory(tmp_path):
@@ -187,12 +281,28 @@ def test_bfloat16_compute_and_periodic_samples(tmp_path):
     from diffusion_jax.training.step import train_step_fn
 
     c = _toy("toy2d_cld.py", model__dtype="bfloat16", training__num_steps=4, training__ckpt_every=4,
-             training__log_every=2, training__sample_every=4, training__batch_size=64)
+             training__log_every=2, training__sample_every=2, training__batch_size=64)
     c.sampling.nfe = 5
+    c.sampling.order = 2
+    c.sampling.grid = "quadratic"
+    traces = []
+    import diffusion_jax.training.sampling as sampling_module
+    real_sample = sampling_module.sample
+
+    def counting_sample(*args, **kwargs):       # the periodic sampler is traced (compiled) once
+        traces.append(kwargs.get("order"))
+        return real_sample(*args, **kwargs)
+    sampling_module.sample = counting_sample
+    try:
+        out = train(c, str(tmp_path))
+    finally:
+        sampling_module.sample = real_sample
+    assert traces == [2]
     out = train(c, str(tmp_path))
     assert int(out["state"].step) == 4
     losses = _losses(tmp_path)
     assert len(losses) == 2 and np.all(np.isfinite(losses))
+    assert (tmp_path / "samples" / "step_00000002.png").exists()
     assert (tmp_path / "samples" / "step_00000004.png").exists()
     leaves = jax.tree_util.tree_leaves(out["state"].params)
     assert all(leaf.dtype == np.float32 for leaf in leaves)        # bf16 compute, float32 parameters

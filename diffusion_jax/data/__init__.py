@@ -8,9 +8,11 @@
   directory to fill and the command that fills it.
 
 Images are mapped to [-1, 1]: x = 2 v / (levels - 1) - 1 with ``levels`` grey levels (17 for digits,
-256 otherwise). Each process reads its own rows of every global batch (``ds[process_index::count]``
-after a seeded shuffle), so the global batch is the same whatever the number of hosts; the grain
-iterator's state (a JSON dict) is checkpointed with the model, so resuming continues the same order.
+256 otherwise). Host-count invariance: global batch b is the same examples in the same order whatever
+the number of processes P; process p reads its contiguous block, rows [p L, (p + 1) L) with L = G / P
+(``jax.make_array_from_process_local_data`` puts the blocks side by side), so 1 x 8 and 2 x 4 devices
+see identical global batches. Each process's iterator state (a JSON dict) goes into every checkpoint
+(grain's checkpoint handler: one file per process), so resuming continues the same order.
 """
 from __future__ import annotations
 
@@ -91,6 +93,11 @@ def tfds_source(dataset: str, split: str, data_dir: str, manual_dir: str = ""):
     name = _TFDS_NAMES[dataset]
     if dataset == "digits":
         from diffusion_jax.data import digits
+        if jax.process_count() > 1:          # one process builds the files, the others wait for it
+            from jax.experimental import multihost_utils
+            if jax.process_index() == 0:
+                digits.prepare(data_dir)
+            multihost_utils.sync_global_devices(f"diffusion_jax digits prepared in {data_dir}")
         digits.prepare(data_dir)
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -109,14 +116,20 @@ def tfds_source(dataset: str, split: str, data_dir: str, manual_dir: str = ""):
 
 
 class ImageIterator:
-    """grain pipeline over a tfds source: shuffle(seed) -> repeat -> this process's rows -> batch."""
+    """grain pipeline over a tfds source: shuffle(seed) -> repeat -> [flip] -> this process's block -> batch.
+
+    Element i of process p's stream is element (i // L) G + p L + (i mod L) of the global stream, so
+    its b-th local batch is rows [p L, (p + 1) L) of global batch b. Random flips are drawn per global
+    index (grain's ``random_map`` seeds by index), so they do not depend on the process count either.
+    """
 
     def __init__(self, source, dataset: str, global_batch: int, seed: int, random_flip: bool = False,
                  process_index: int = 0, process_count: int = 1):
+        import sys
+
         import grain
         self.dataset = dataset
         ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-        ds = ds[process_index::process_count]
 
         def convert(record):
             return to_model_space(np.asarray(record["image"]), dataset)
@@ -128,7 +141,15 @@ class ImageIterator:
             ds = ds.random_map(flip, seed=seed + 1)
         else:
             ds = ds.map(convert)
-        self._ds = ds.batch(global_batch // process_count, drop_remainder=True)
+        local = global_batch // process_count
+        offset = process_index * local
+
+        def read(i: int):
+            b, j = divmod(i, local)
+            return ds[b * global_batch + offset + j]
+
+        blocks = grain.MapDataset.range((sys.maxsize // global_batch) * local).map(read)
+        self._ds = blocks.batch(local, drop_remainder=True)
         self._it = iter(self._ds.to_iter_dataset())
 
     def __iter__(self):
@@ -144,6 +165,24 @@ class ImageIterator:
         self._it.set_state(state)
 
 
+class Checkpointable:
+    """An iterator as grain's orbax checkpoint handler expects it (JSON bytes; one file per process)."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def get_state(self) -> bytes:
+        import json
+        return json.dumps(self.iterator.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        import json
+        self.iterator.set_state(json.loads(state.decode() if isinstance(state, bytes) else state))
+
+    def start_prefetch(self) -> None:
+        pass
+
+
 def make_iterator(config, global_batch: int, *, split: str | None = None, seed: int | None = None,
                   process_index: int | None = None, process_count: int | None = None):
     """The training iterator a config asks for (``split`` defaults to ``config.data.split``)."""
@@ -151,7 +190,8 @@ def make_iterator(config, global_batch: int, *, split: str | None = None, seed: 
     process_count = jax.process_count() if process_count is None else process_count
     seed = config.seed if seed is None else seed
     if global_batch % process_count:
-        raise ValueError(f"batch size {global_batch} is not divisible by the {process_count} processes")
+        raise ValueError(f"config.training.batch_size={global_batch} is not divisible by the {process_count} "
+                         f"processes: use a multiple of {process_count}")
     if config.data.dataset == "toy2d":
         return ToyIterator(config.data.toy_name, global_batch, seed, process_index, process_count)
     source = tfds_source(config.data.dataset, split or config.data.split, default_data_dir(config),
@@ -171,5 +211,5 @@ def load_split(config, split: str, limit: int | None = None) -> np.ndarray:
                      for i in range(n)])
 
 
-__all__ = ["ToyIterator", "ImageIterator", "make_iterator", "load_split", "data_shape", "levels",
+__all__ = ["ToyIterator", "ImageIterator", "Checkpointable", "make_iterator", "load_split", "data_shape", "levels",
            "to_model_space", "to_image_space", "tfds_source", "TOY_SAMPLERS", "TOY_MIXTURES"]

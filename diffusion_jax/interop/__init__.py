@@ -83,7 +83,7 @@ def import_checkpoint(fmt: str, path: str, config: Any, workdir: str) -> str:
                        ema={ema_key(rate): ema_params}, rng=jax.random.PRNGKey(config.seed))
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=1, async_save=False)
-    ckpt.save(state, {}, config.to_json_best_effort())
+    ckpt.save(state, None, config.to_json_best_effort())
     ckpt.wait()
     ckpt.close()
     with open(os.path.join(workdir, "config.json"), "w") as f:

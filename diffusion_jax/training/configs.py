@@ -1,7 +1,14 @@
 """Run configurations (ml_collections), score_sde style: ``configs/<name>.py`` call these builders.
 
 Every field is overridable on the command line, e.g. ``--config.training.batch_size=256``.
-:func:`validate` checks a config before anything is compiled or any data is read.
+:func:`validate` checks every field the training loop and its periodic sampler read, before anything is
+compiled, any data is read or anything is written; a bad value raises :class:`ConfigError` (a
+``ValueError``) with a one-line message naming the field and the fix.
+
+``training.n_steps_per_call`` = k runs k optimiser steps per compiled call (``lax.scan``; score_sde's
+``n_jitted_steps``), so ``num_steps``, ``log_every``, ``ckpt_every`` and ``sample_every`` must be multiples
+of k. ``sampling.{method, nfe, order, grid, num_samples}`` configure the periodic sample grids
+(``sample_every`` > 0; at most 64 samples per grid).
 """
 from __future__ import annotations
 
@@ -13,6 +20,12 @@ DATASETS = ("toy2d", "digits", "cifar10", "celeb_a_hq")
 TOY_SETS = ("checkerboard", "swiss_roll", "ring8", "gmm")
 OPTIMIZERS = ("adam", "adamw")
 DTYPES = ("float32", "bfloat16")
+
+
+
+class ConfigError(ValueError):
+    """A bad configuration value (the message names the field and the fix, on one line)."""
+
 
 # Family shorthands used in config names: cdhold3 = cdhold with n = 3.
 _FAMILY_SHORT = {f"cdhold{n}": ("cdhold", {"n": n}) for n in (3, 4, 5, 6)}
@@ -44,19 +57,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.family = family_config("cld")
     c.data = ml_collections.ConfigDict(dict(
         dataset="toy2d", toy_name="checkerboard", data_dir="", manual_dir="", split="train",
-        eval_split="test", image_size=0, random_flip=False, sigma_data=0.5))
+        eval_split="test", random_flip=False, sigma_data=0.5))
     c.model = ml_collections.ConfigDict(dict(
         name="mlp", kwargs=ml_collections.ConfigDict({"hidden": 256, "depth": 3}), K="R",
         mixed_score=False, c_out=False, dtype="float32", time_input="1000t"))
     c.training = ml_collections.ConfigDict(dict(
         batch_size=256, num_steps=4000, objective="hsm", weighting="eps", t_eps=1e-5, log_every=100,
-        ckpt_every=1000, keep=3, sample_every=0, async_checkpoints=True))
+        ckpt_every=1000, keep=3, sample_every=0, async_checkpoints=True, n_steps_per_call=1))
     c.optim = ml_collections.ConfigDict(dict(
         optimizer="adam", lr=1e-3, warmup=100, grad_clip=1.0, weight_decay=0.0, b1=0.9, b2=0.999,
         eps=1e-8, decay_to=0.1))
     c.ema_rates = (0.999,)
     c.sampling = ml_collections.ConfigDict(dict(
-        method="gddim", nfe=50, order=1, num_samples=64, eval_nfe=(10, 20, 50)))
+        method="gddim", nfe=50, order=1, grid="uniform", num_samples=64))
     c.mesh = ml_collections.ConfigDict(dict(data=-1))     # -1: every device on the 'data' axis
     return c
 
@@ -79,7 +92,6 @@ def digits(family: str, **family_params) -> ml_collections.ConfigDict:
     c = base_config()
     c.family = family_config(family, **family_params)
     c.data.dataset = "digits"
-    c.data.image_size = 8
     c.data.sigma_data = 0.5
     c.model.name = "ddpmpp"
     c.model.kwargs = ml_collections.ConfigDict(dict(
@@ -101,7 +113,6 @@ def cifar10(family: str, **family_params) -> ml_collections.ConfigDict:
     c = base_config()
     c.family = family_config(family, **family_params)
     c.data.dataset = "cifar10"
-    c.data.image_size = 32
     c.data.random_flip = True
     c.model.name = "ddpmpp"
     c.model.kwargs = ml_collections.ConfigDict(dict(
@@ -123,7 +134,6 @@ def celebahq256(family: str, **family_params) -> ml_collections.ConfigDict:
     """CelebA-HQ 256 (tfds manual download) with the 256-px DDPM++ layout of score_sde."""
     c = cifar10(family, **family_params)
     c.data.dataset = "celeb_a_hq"
-    c.data.image_size = 256
     c.model.kwargs = ml_collections.ConfigDict(dict(
         nf=128, ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0))
     c.training.batch_size = 64
@@ -187,21 +197,21 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} defines no get_config()")
+        raise ConfigError(f"{path} defines no get_config()")
     config = module.get_config()
     for item in overrides:
         if not item.startswith("--config.") or "=" not in item:
-            raise ValueError(f"unrecognised argument {item!r}: overrides look like --config.training.batch_size=256")
+            raise ConfigError(f"unrecognised argument {item!r}: overrides look like --config.training.batch_size=256")
         key, text = item[len("--config."):].split("=", 1)
         parent, name = config, key
         if "." in key:
             head, name = key.rsplit(".", 1)
             for part in head.split("."):
                 if part not in parent:
-                    raise ValueError(f"--config.{key}: no field {part!r}; known: {sorted(parent.keys())}")
+                    raise ConfigError(f"--config.{key}: no field {part!r}; known: {sorted(parent.keys())}")
                 parent = parent[part]
         if name not in parent:
-            raise ValueError(f"--config.{key}: no field {name!r}; known: {sorted(parent.keys())}")
+            raise ConfigError(f"--config.{key}: no field {name!r}; known: {sorted(parent.keys())}")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -213,56 +223,118 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
             value = float(value)
         if old is not None and not isinstance(value, type(old)) and not (
                 isinstance(old, (tuple, list)) and isinstance(value, (tuple, list))):
-            raise ValueError(f"--config.{key}={text}: expected a {type(old).__name__} like {old!r}")
+            raise ConfigError(f"--config.{key}={text}: expected a {type(old).__name__} like {old!r}")
         parent[name] = tuple(value) if isinstance(old, tuple) else value
     validate(config)
     return config
 
 
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Raise ``ValueError`` naming the fix for any bad field (before compiling or reading data)."""
+    """Raise :class:`ConfigError` naming the field and the fix for any bad value.
+
+    Pure Python (no JAX backend is touched), so it runs before ``jax.distributed.initialize``, before
+    anything is compiled and before anything is written to the workdir. The check that needs the device
+    count (batch size divisible by the global number of devices) is in ``training.setup.make_mesh``.
+    """
+    def fail(message: str):
+        raise ConfigError(message)
+
     if c.family.name not in FAMILIES:
-        raise ValueError(f"unknown family {c.family.name!r} (config.family.name); "
-                         f"known: {', '.join(sorted(FAMILIES))}")
+        fail(f"unknown family {c.family.name!r} (config.family.name); known: {', '.join(sorted(FAMILIES))}")
     if c.family.name in FIELD_FAMILIES and (c.sampling.method == "euler_maruyama" or (
             c.sampling.method in ("gddim", "sscs") and c.sampling.get("lam", 1.0 if c.sampling.method == "sscs"
                                                                         else 0.0) > 0)):
-        raise ValueError(f"{c.family.name} is a force-field ODE model: config.sampling.method="
-                         f"{c.sampling.method!r} adds Gaussian noise; use 'edm_heun', 'heun', 'dopri5' or 'gddim'")
+        fail(f"{c.family.name} is a force-field ODE model: config.sampling.method="
+             f"{c.sampling.method!r} adds Gaussian noise; use 'edm_heun', 'heun', 'dopri5' or 'gddim'")
     if c.data.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {c.data.dataset!r} (config.data.dataset); known: {DATASETS}")
+        fail(f"unknown dataset {c.data.dataset!r} (config.data.dataset); known: {DATASETS}")
     if c.data.dataset == "toy2d" and c.data.toy_name not in TOY_SETS:
-        raise ValueError(f"unknown toy set {c.data.toy_name!r} (config.data.toy_name); known: {TOY_SETS}")
+        fail(f"unknown toy set {c.data.toy_name!r} (config.data.toy_name); known: {TOY_SETS}")
+    if not (c.data.sigma_data > 0):
+        fail(f"config.data.sigma_data must be positive, got {c.data.sigma_data!r}")
     from diffusion_jax.models import MODELS
     if c.model.name not in MODELS:
-        raise ValueError(f"unknown model {c.model.name!r} (config.model.name); known: {sorted(MODELS)}")
+        fail(f"unknown model {c.model.name!r} (config.model.name); known: {sorted(MODELS)}")
     if c.data.dataset == "toy2d" and c.model.name != "mlp":
-        raise ValueError("toy 2-D data needs config.model.name='mlp'")
+        fail("toy 2-D data needs config.model.name='mlp'")
     if c.data.dataset != "toy2d" and c.model.name not in ("ddpmpp", "ncsnpp"):
-        raise ValueError(f"image data ({c.data.dataset}) needs config.model.name='ddpmpp' or 'ncsnpp'")
+        fail(f"image data ({c.data.dataset}) needs config.model.name='ddpmpp' or 'ncsnpp'")
     if c.model.dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype must be one of {DTYPES}, got {c.model.dtype!r}")
+        fail(f"config.model.dtype must be one of {DTYPES}, got {c.model.dtype!r}")
     if c.model.get("c_out", False) and not c.model.mixed_score:
-        raise ValueError("config.model.c_out=True scales the residual around the mixed score: "
-                         "also set config.model.mixed_score=True")
+        fail("config.model.c_out=True scales the residual around the mixed score: "
+             "also set config.model.mixed_score=True")
     if c.model.K not in ("R", "L"):
-        raise ValueError(f"config.model.K must be 'R' (gDDIM) or 'L' (Cholesky), got {c.model.K!r}")
+        fail(f"config.model.K must be 'R' (gDDIM) or 'L' (Cholesky), got {c.model.K!r}")
     if c.optim.optimizer not in OPTIMIZERS:
-        raise ValueError(f"config.optim.optimizer must be one of {OPTIMIZERS}, got {c.optim.optimizer!r}")
+        fail(f"config.optim.optimizer must be one of {OPTIMIZERS}, got {c.optim.optimizer!r}")
+    if not _int(c.seed):
+        fail(f"config.seed must be an integer, got {c.seed!r}")
     t = c.training
     from diffusion_jax.training.losses import OBJECTIVES, WEIGHTINGS
     if t.objective not in OBJECTIVES:
-        raise ValueError(f"unknown training objective {t.objective!r} (config.training.objective); "
-                         f"choose one of {OBJECTIVES}")
+        fail(f"unknown training objective {t.objective!r} (config.training.objective); choose one of {OBJECTIVES}")
     if t.weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {t.weighting!r} (config.training.weighting); "
-                         f"choose one of {WEIGHTINGS}")
+        fail(f"unknown loss weighting {t.weighting!r} (config.training.weighting); choose one of {WEIGHTINGS}")
     if not (t.t_eps > 0):
-        raise ValueError(f"config.training.t_eps must be positive, got {t.t_eps}")
-    for name in ("batch_size", "num_steps", "log_every", "ckpt_every", "keep"):
-        if not (isinstance(t[name], int) and t[name] >= 1):
-            raise ValueError(f"config.training.{name} must be a positive integer, got {t[name]!r}")
-    if not (c.optim.lr > 0 and c.optim.grad_clip >= 0 and c.optim.warmup >= 0):
-        raise ValueError("config.optim: need lr > 0, grad_clip >= 0 (0 = off) and warmup >= 0")
+        fail(f"config.training.t_eps must be positive, got {t.t_eps}")
+    for name in ("batch_size", "num_steps", "log_every", "ckpt_every", "keep", "n_steps_per_call"):
+        if not (_int(t[name]) and t[name] >= 1):
+            fail(f"config.training.{name} must be a positive integer, got {t[name]!r}")
+    if not (_int(t.sample_every) and t.sample_every >= 0):
+        fail(f"config.training.sample_every must be an integer >= 0 (0: no periodic samples), "
+             f"got {t.sample_every!r}")
+    if not isinstance(t.async_checkpoints, bool):
+        fail(f"config.training.async_checkpoints must be True or False, got {t.async_checkpoints!r}")
+    k = t.n_steps_per_call
+    for name in ("num_steps", "log_every", "ckpt_every", "sample_every"):
+        if t[name] % k:
+            fail(f"config.training.{name}={t[name]} is not a multiple of config.training.n_steps_per_call={k} "
+                 f"(the loop logs, saves and samples between compiled calls of {k} steps)")
+    o = c.optim
+    if not (o.lr > 0 and o.grad_clip >= 0 and _int(o.warmup) and o.warmup >= 0):
+        fail("config.optim: need lr > 0, grad_clip >= 0 (0 = off) and an integer warmup >= 0, got "
+             f"lr={o.lr!r}, grad_clip={o.grad_clip!r}, warmup={o.warmup!r}")
+    if not (0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0 and o.eps > 0 and o.weight_decay >= 0):
+        fail(f"config.optim: need 0 <= b1, b2 < 1, eps > 0 and weight_decay >= 0, got b1={o.b1!r}, "
+             f"b2={o.b2!r}, eps={o.eps!r}, weight_decay={o.weight_decay!r}")
+    if not (0.0 <= o.decay_to <= 1.0):
+        fail(f"config.optim.decay_to must lie in [0, 1] (1: constant after warm-up), got {o.decay_to!r}")
     if not all(0.0 < r < 1.0 for r in c.ema_rates):
-        raise ValueError(f"config.ema_rates must lie in (0, 1), got {tuple(c.ema_rates)}")
+        fail(f"config.ema_rates must lie in (0, 1), got {tuple(c.ema_rates)}")
+    if t.sample_every and not len(c.ema_rates):
+        fail("config.training.sample_every > 0 samples with the EMA parameters: set config.ema_rates")
+    if not (_int(c.mesh.data) and (c.mesh.data == -1 or c.mesh.data >= 1)):
+        fail(f"config.mesh.data must be -1 (every device) or a positive integer, got {c.mesh.data!r}")
+    _validate_sampling(c.sampling)
+
+
+def sampling_options(s: ml_collections.ConfigDict) -> dict:
+    """The sampler options of ``config.sampling`` that its method reads (order, grid)."""
+    from diffusion_jax.samplers import METHOD_OPTIONS
+    return {k: s[k] for k in ("order", "grid") if k in METHOD_OPTIONS.get(s.method, ()) and k in s}
+
+
+def _validate_sampling(s: ml_collections.ConfigDict) -> None:
+    """The periodic sampler's fields, by the samplers' own option rules (:func:`samplers.plan.check_options`)."""
+    from diffusion_jax.samplers import DIFFRAX_ADAPTIVE, METHODS
+    from diffusion_jax.samplers.plan import check_options
+    fixed = tuple(m for m in METHODS if m not in DIFFRAX_ADAPTIVE)
+    if s.method in DIFFRAX_ADAPTIVE:
+        raise ConfigError(f"config.sampling.method={s.method!r} is adaptive (its NFE is data dependent and "
+                          f"it cannot run inside the compiled periodic sampler); choose one of {', '.join(fixed)}")
+    if s.method not in METHODS:
+        raise ConfigError(f"unknown sampling method {s.method!r} (config.sampling.method); "
+                          f"choose one of {', '.join(fixed)}")
+    if not (_int(s.nfe) and s.nfe >= 1):
+        raise ConfigError(f"config.sampling.nfe must be an integer >= 1, got {s.nfe!r}")
+    try:
+        check_options(s.method, s.nfe, sampling_options(s))
+    except ValueError as e:
+        raise ConfigError(f"config.sampling (method {s.method!r}, nfe {s.nfe}): {e}") from e
+    if not (_int(s.num_samples) and s.num_samples >= 1):
+        raise ConfigError(f"config.sampling.num_samples must be a positive integer, got {s.num_samples!r}")

@@ -1,11 +1,19 @@
-"""Sampling a trained run (any sampler of :mod:`diffusion_jax.samplers`) and saving sample figures."""
+"""Sampling a trained run (any sampler of :mod:`diffusion_jax.samplers`) and saving sample figures.
+
+:func:`compile_sampler` is the one place where training draws samples: ONE jitted function
+``draw(params, u0, key) -> x_0`` with the parameters as an argument (never closed over), compiled once
+per (method, nfe, order, grid, shapes) and reused for every checkpoint or EMA copy; on a mesh the
+parameters are replicated global arrays and ``u0`` is split along 'data', so it also runs when the
+parameters span several hosts.
+"""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax.data import to_image_space
 from diffusion_jax import samplers
@@ -13,6 +21,42 @@ from diffusion_jax.samplers import prior_init
 from diffusion_jax.training.setup import Experiment
 
 Array = Any
+
+
+
+def compile_sampler(exp: Experiment, method: str = "gddim", nfe: int = 50, *, mesh: Mesh | None = None,
+                    **sampler_kwargs: Any) -> Callable[[Any, Array, Array], Array]:
+    """``draw(params, u0, key) -> x_0`` (the data coordinate after a final denoising step), compiled once.
+
+    A :func:`diffusion_jax.samplers.compile` handle with the network as ``exp.apply(params, u, t)``: the
+    parameters (e.g. the EMA copy, a global array on several hosts) are an argument, never a constant.
+    The final step maps u at t_min to the denoiser output D(u, t_min) = E[x_0 | u] (one more network
+    evaluation; ``denoise_final``), which every family needs for clean data at its auxiliary coordinates.
+    ``key`` drives the sampler's noise (stochastic methods); ``mesh``: params replicated, ``u0`` split
+    along 'data' when its batch divides the mesh, the result replicated (readable on every process).
+    """
+    kwargs = dict(sampler_kwargs)
+    kwargs.setdefault("denoise_final", True)
+    handle = samplers.compile(exp.sde, exp.apply, method=method, nfe=nfe, output="eps", K=exp.sqrt, **kwargs)
+
+    def draw(params: Any, u0: Array, key: Array) -> Array:
+        return handle(params, u0, key if handle.stochastic else None).u[..., 0]
+
+    draw.__name__ = draw.__qualname__ = f"sampler_{method}_periodic"      # its name in compile logs
+    if mesh is None:
+        return jax.jit(draw)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(draw, in_shardings=(replicated, None, replicated), out_shardings=replicated)
+
+
+def prior_sampler(exp: Experiment, n: int, mesh: Mesh | None = None) -> Callable[[Array], Array]:
+    """``key -> u0`` (n prior draws), jitted, created split along 'data' when n divides the mesh."""
+    def init(key):
+        return prior_init(exp.sde, key, n, exp.data_shape)
+    if mesh is None:
+        return jax.jit(init)
+    spec = P("data") if n % mesh.devices.size == 0 else P()
+    return jax.jit(init, out_shardings=NamedSharding(mesh, spec))
 
 
 def sample_data(exp: Experiment, params: Any, key: Array, n: int, method: str = "gddim", nfe: int = 50,

@@ -6,7 +6,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -51,11 +50,11 @@ class Experiment:
         return self.precond.eps(net, u, t)
 
     def init_params(self, seed: int) -> Any:
-        """Network parameters from ``seed`` (shape inference only: no FLOPs are spent)."""
+        """Network parameters from ``seed`` (traceable: :func:`state_initializer` runs it under jit)."""
         shape = (1,) + self.data_shape + (self.sde.order,)
         x = jnp.zeros(self.precond.to_network(jnp.zeros(shape)).shape)
         key = jax.random.key(seed, impl="rbg")      # rbg: fast to compile on CPU
-        return jax.jit(lambda k: self.net.init(k, x, jnp.ones((1,)), train=False))(key)["params"]
+        return self.net.init(key, x, jnp.ones((1,)), train=False)["params"]
 
 
 def build_experiment(config, data_shape: tuple[int, ...]) -> Experiment:
@@ -84,21 +83,45 @@ def build_experiment(config, data_shape: tuple[int, ...]) -> Experiment:
 
 
 def make_mesh(config) -> Mesh:
-    """A 1-D 'data' mesh over ``config.mesh.data`` devices (-1: all), axis type Auto for jit shardings."""
-    n = jax.device_count() if config.mesh.data == -1 else int(config.mesh.data)
-    if n < 1 or n > jax.device_count():
-        raise ValueError(f"config.mesh.data={config.mesh.data} but {jax.device_count()} devices exist")
+    """A 1-D 'data' mesh (``jax.make_mesh``, axis type Auto) over ``config.mesh.data`` devices (-1: all,
+    across every process); raises :class:`~diffusion_jax.training.configs.ConfigError` if the global batch does
+    not split evenly over them (before anything is compiled or written)."""
+    from jax.sharding import AxisType
+    total = jax.device_count()
+    n = total if config.mesh.data == -1 else int(config.mesh.data)
+    if n < 1 or n > total:
+        raise configs.ConfigError(f"config.mesh.data={config.mesh.data} but {total} devices exist: use -1 "
+                                  f"(all) or a count in 1..{total}")
+    if n != total and jax.process_count() > 1:
+        raise configs.ConfigError(f"config.mesh.data={n} uses part of the {total} devices of a "
+                                  f"{jax.process_count()}-process job: use -1 (every device)")
     if config.training.batch_size % n:
-        raise ValueError(f"batch size {config.training.batch_size} is not divisible by the {n} devices of "
-                         f"the 'data' mesh axis: set --config.training.batch_size to a multiple of {n}")
-    devices = np.asarray(jax.devices()[:n])
-    try:
-        from jax.sharding import AxisType
-        return Mesh(devices, ("data",), axis_types=(AxisType.Auto,))
-    except (ImportError, TypeError):          # older jax: every axis is Auto
-        return Mesh(devices, ("data",))
+        raise configs.ConfigError(
+            f"config.training.batch_size={config.training.batch_size} is not divisible by the {n} devices of "
+            f"the 'data' mesh axis ({jax.process_count()} process(es)): use a multiple of {n}")
+    devices = None if n == total else jax.devices()[:n]
+    return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
     """(replicated, batch-sharded along 'data')."""
     return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+def state_initializer(exp: Experiment, sharding: NamedSharding) -> Callable[[], Any]:
+    """A jitted function () -> fresh train state, created directly with ``sharding`` (no host copy).
+
+    ``jax.eval_shape`` of it is the restore target of a resumed run (no throw-away initialisation).
+    """
+    from diffusion_jax.training.state import create_state
+    config = exp.config
+
+    def init():
+        return create_state(exp.init_params(config.seed), exp.tx, config.ema_rates, config.seed)
+    return jax.jit(init, out_shardings=sharding)
+
+
+def abstract_state(exp: Experiment, sharding: NamedSharding) -> Any:
+    """ShapeDtypeStructs (with ``sharding``) of the train state, from ``jax.eval_shape`` (no FLOPs)."""
+    shapes = jax.eval_shape(state_initializer(exp, sharding))
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)

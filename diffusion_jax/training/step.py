@@ -8,6 +8,12 @@ and are drawn with the global batch shape, so they are the same on 1 or N device
 A step whose loss or gradient is not finite leaves the state unchanged (params, optimiser, EMA and
 step) and reports ``nonfinite = 1``; the loop stops the run with an error before writing any
 checkpoint after it, so the last good checkpoint stays the latest.
+
+``n_steps_per_call`` = k > 1 runs k steps in one compiled call (``lax.scan`` over k stacked global
+batches, sharded ``P(None, 'data')``), as score_sde's ``n_jitted_steps``: the same step function, k times
+fewer dispatches and host round trips. Measured on CPU: bitwise equal to single steps for the toy MLP;
+for the DDPM++ U-Net the loop body is compiled differently (1-ulp differences in the update, and XLA:CPU
+runs the rolled loop much slower), so on CPU keep k = 1 for U-Nets.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax.training.losses import check_loss_options, score_matching_loss
 from diffusion_jax.training.setup import Experiment, shardings
@@ -57,9 +63,23 @@ def train_step_fn(exp: Experiment) -> Callable[[TrainState, Array], tuple[TrainS
     return step
 
 
-def jit_train_step(exp: Experiment, mesh: Mesh, state_sharding: Any = None):
-    """The step under ``jax.jit``: state replicated (or ``state_sharding``), batch split along 'data'."""
+def jit_train_step(exp: Experiment, mesh: Mesh, state_sharding: Any = None, n_steps_per_call: int = 1):
+    """The step under ``jax.jit``: state replicated (or ``state_sharding``) and donated, batch split
+    along 'data'. With ``n_steps_per_call`` = k > 1 the batch is (k, global batch, ...) and the metrics
+    come back stacked (k,)."""
     replicated, batch_sharding = shardings(mesh)
     state_sharding = replicated if state_sharding is None else state_sharding
-    return jax.jit(train_step_fn(exp), in_shardings=(state_sharding, batch_sharding),
+    step = train_step_fn(exp)
+
+    def steps(state: TrainState, batches: Array) -> tuple[TrainState, dict]:
+        if n_steps_per_call == 1:
+            return step(state, batches)
+        return jax.lax.scan(step, state, batches)
+
+    return jax.jit(steps, in_shardings=(state_sharding, batch_sharding_for(mesh, n_steps_per_call)),
                    out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+def batch_sharding_for(mesh: Mesh, n_steps_per_call: int = 1) -> NamedSharding:
+    """The sharding of the batch argument of :func:`jit_train_step`."""
+    return NamedSharding(mesh, P("data") if n_steps_per_call == 1 else P(None, "data"))
