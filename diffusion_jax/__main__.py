@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--samplers", default=None, help="comma list, see diffusion_jax.bench_solvers.SAMPLERS")
     bench.add_argument("--nfe", default=None, help="comma list of NFE (default 5,10,20,50,100,200,500,1000)")
     bench.add_argument("--n-samples", type=int, default=256)
+    bench.add_argument("--tune", action="store_true",
+                       help="measure the gddim defaults and write diffusion_jax/samplers/tuned_grids.json")
     over = sub.add_parser("bench-overhead", help="gDDIM sampler cost with a trivial fn vs DDPM++")
     over.add_argument("--family", default="cld")
     over.add_argument("--batch", type=int, default=256)
@@ -70,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bench-solvers":
         from diffusion_jax import bench_solvers
         split = lambda v: v.split(",") if v else None
-        nfes = tuple(int(n) for n in args.nfe.split(",")) if args.nfe else bench_solvers.NFES
-        bench_solvers.run(args.out, split(args.families), split(args.samplers), nfes, args.n_samples)
+        if args.tune:
+            nfes = tuple(int(n) for n in args.nfe.split(",")) if args.nfe else bench_solvers.TUNE_NFES
+            bench_solvers.tune(None, split(args.families) or bench_solvers.TUNE_FAMILIES, nfes)
+        else:
+            nfes = tuple(int(n) for n in args.nfe.split(",")) if args.nfe else bench_solvers.NFES
+            bench_solvers.run(args.out, split(args.families), split(args.samplers), nfes, args.n_samples)
     elif args.command == "bench-overhead":
         from diffusion_jax import bench_overhead
         bench_overhead.run(args.family, args.batch, args.nfe, args.net_batch)

@@ -11,7 +11,10 @@ Methods (probability-flow ODE du/dt = F u - 1/2 G G^T s; reverse SDE du = [F u -
 * ``euler``, ``heun``, ``midpoint``, ``tsit5``: diffrax, fixed steps on the time grid;
   ``dopri5`` / ``tsit5_adaptive``: diffrax with a PID controller (rtol, atol);
 * ``euler_maruyama``: the reverse SDE through diffrax (G(t) dW as a lineax operator, through the family's basis);
-* ``gddim``: exponential integrator in eps, multistep ``order`` q = 0..3, stochastic with ``lam`` > 0;
+* ``gddim``: exponential integrator, multistep ``order`` q = 0..3, stochastic with ``lam`` > 0; deterministic
+  steps interpolate the denoiser (``predict="denoiser"``, default, optionally with a ``corrector`` that costs
+  no evaluation, :mod:`.exponential`) or eps (``predict="eps"``, :mod:`.gddim`). With nothing chosen, order,
+  corrector and time grid are the best measured ones for the family and NFE (:mod:`.defaults`);
 * ``sscs``: Strang splitting, exact linear half-steps (with their noise) around an Euler score step;
 * ``edm_heun``: Karras et al.'s Heun in the noise level sigma(t) (last step Euler), ``ode_jump`` to end
   on the denoiser output.
@@ -28,6 +31,12 @@ import numpy as np
 
 from diffusion_jax.param import Model, SquareRoot
 from diffusion_jax.samplers.gddim import _psd_sqrt, gddim_coefficients
+# --- issue 15: denoiser-form multistep gDDIM and per-family defaults
+from diffusion_jax.samplers import defaults as _defaults
+from diffusion_jax.samplers import exponential as _exponential
+PREDICTS = ("denoiser", "eps")
+MAX_CORRECTOR = 4
+# --- end issue 15
 from diffusion_jax.samplers.grids import GRIDS, noise_level, time_grid
 from diffusion_jax.sdes.linear import LinearSDE
 
@@ -58,7 +67,7 @@ def _steps_for(method: str, nfe: int) -> int:
     return nfe
 
 
-def _validate(sde, fn, u_init, method, nfe, order, lam, key, output):
+def _validate(sde, fn, u_init, method, nfe, order, lam, key, output, predict="eps", corrector=-1):
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
     if u_init.ndim < 2 or u_init.shape[-1] != sde.order:
@@ -72,6 +81,16 @@ def _validate(sde, fn, u_init, method, nfe, order, lam, key, output):
         if order > nfe - 1:
             raise ValueError(f"gddim order {order} needs {order + 1} eps values of history but nfe={nfe} "
                              f"gives only {nfe}; use order <= {nfe - 1}")
+        # --- issue 15
+        if predict not in PREDICTS:
+            raise ValueError(f"gddim predict must be one of {PREDICTS}, got {predict!r}")
+        if predict == "denoiser" and lam > 0:
+            raise ValueError("gddim predict='denoiser' is deterministic: use predict='eps' for lam > 0")
+        if not (isinstance(corrector, (int, np.integer)) and -1 <= corrector <= MAX_CORRECTOR):
+            raise ValueError(f"gddim corrector must be an integer in -1..{MAX_CORRECTOR} (-1: none), got {corrector!r}")
+        if corrector >= 0 and predict != "denoiser":
+            raise ValueError("the gddim corrector needs predict='denoiser' (pass corrector=-1 for predict='eps')")
+        # --- end issue 15
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     if (method in STOCHASTIC or (method in ("gddim", "sscs") and lam > 0)) and key is None:
@@ -84,8 +103,9 @@ def _validate(sde, fn, u_init, method, nfe, order, lam, key, output):
 
 
 def sample(sde: LinearSDE, fn: Callable, u_init: Array, *, method: str, nfe: int | None = None,
-           output: str = "eps", K: str | SquareRoot = "R", grid: str = "uniform",
-           t_start: float | None = None, t_end: float | None = None, order: int = 1, lam: float | None = None,
+           output: str = "eps", K: str | SquareRoot = "R", grid: str | None = None,
+           t_start: float | None = None, t_end: float | None = None, order: int | None = None,
+           lam: float | None = None, predict: str | None = None, corrector: int | None = None,
            key: Array | None = None, rtol: float = 1e-5, atol: float = 1e-5, rho: float = 7.0,
            ode_jump: bool = False, denoise_final: bool = False, return_trajectory: bool = False,
            max_steps: int = 16384) -> tuple[Array, dict]:
@@ -95,26 +115,49 @@ def sample(sde: LinearSDE, fn: Callable, u_init: Array, *, method: str, nfe: int
     ``return_trajectory``: ``trajectory`` (states at the grid times, (N+1, batch, *data, k)) and
     ``denoised`` (D(u_t, t) at those times, (N+1, batch, *data)); for the diffrax methods the denoiser
     along the trajectory costs ``nfe_analysis`` extra evaluations, reported separately.
+
+    gddim options left as None take the family's measured defaults (:func:`.defaults.gddim_defaults`; the
+    choice is reported in ``info["config"]``); ``grid`` defaults to "uniform" for the other methods.
     """
     if lam is None:
         lam = 1.0 if method == "sscs" else 0.0
-    if grid not in GRIDS:
+    if grid is not None and grid not in GRIDS:
         raise ValueError(f"unknown time grid {grid!r}; choose one of {GRIDS}")
-    model = Model(sde, fn, output, K)
-    _validate(sde, fn, u_init, method, nfe, order, lam, key, output)
     t_start = sde.T if t_start is None else float(t_start)
     t_end = sde.t_min if t_end is None else float(t_end)
+    # --- issue 15: gddim defaults (order, corrector, grid) per family and NFE
+    config, tuned_ts = None, None
+    if method == "gddim":
+        if predict is None:
+            predict = "denoiser" if lam == 0 else "eps"
+        if (order is None or corrector is None or grid is None) and lam == 0 and predict == "denoiser" \
+                and isinstance(nfe, (int, np.integer)) and nfe >= 1 and 0 < t_end < t_start:
+            config = _defaults.gddim_defaults(sde, int(nfe), t_start, t_end)
+            order = config["order"] if order is None else order
+            corrector = config["corrector"] if corrector is None else corrector
+            tuned_ts = config["ts"] if grid is None else None
+        order = 1 if order is None else order
+        corrector = -1 if corrector is None else corrector
+    grid = "uniform" if grid is None else grid
+    # --- end issue 15
+    model = Model(sde, fn, output, K)
+    _validate(sde, fn, u_init, method, nfe, 1 if order is None else order, lam, key, output,
+              predict or "eps", -1 if corrector is None else corrector)
     if method in DIFFRAX_ADAPTIVE:
         u, info = _diffrax_adaptive(sde, model, u_init, method, t_start, t_end, rtol, atol, max_steps,
                                     return_trajectory)
     else:
         n_steps = _steps_for(method, nfe)
-        ts = time_grid(sde, n_steps, "edm" if method == "edm_heun" and grid == "uniform" else grid,
-                       t_start, t_end, rho)
+        ts = tuned_ts if tuned_ts is not None else time_grid(
+            sde, n_steps, "edm" if method == "edm_heun" and grid == "uniform" else grid, t_start, t_end, rho)
         if method in DIFFRAX_FIXED:
             u, info = _diffrax_fixed(sde, model, u_init, method, ts, return_trajectory)
         elif method == "euler_maruyama":
             u, info = _euler_maruyama(sde, model, u_init, ts, key, return_trajectory)
+        elif method == "gddim" and predict == "denoiser":          # issue 15
+            u, info = _gddim_denoiser(sde, model, u_init, ts, order, corrector, return_trajectory)
+            info["config"] = dict(order=order, corrector=corrector, predict=predict,
+                                  grid=config["source"] if tuned_ts is not None else grid)
         elif method == "gddim":
             u, info = _gddim(sde, model, u_init, ts, order, lam, key, return_trajectory)
         elif method == "sscs":
@@ -255,6 +298,26 @@ def _gddim(sde, model, u_init, ts, order, lam, key, return_trajectory, keep_resi
     if return_trajectory:
         info.update(trajectory=jnp.concatenate([traj, u_fin[None]]), denoised=den)
     return u_fin, info
+
+
+# --- issue 15
+def _gddim_denoiser(sde, model, u_init, ts, order, corrector, return_trajectory):
+    """Multistep exponential integrator in the denoiser (:mod:`.exponential`), jitted once per shapes."""
+    from diffusion_jax.param import square_root
+    tab = _exponential.step_tables(sde, square_root(sde, "R"), tuple(float(t) for t in ts), order, corrector,
+                                   K=model.sqrt)
+    used = dict(orders=tab.pop("orders"), correctors=tab.pop("correctors"))
+    tab = {k: jnp.asarray(v, u_init.dtype) for k, v in tab.items()}
+    u_fin, traj, den = _denoiser_runner(sde, model)(u_init, tab)
+    info = dict(nfe=len(ts) - 1, ts=ts, **used)
+    if return_trajectory:
+        info.update(trajectory=jnp.concatenate([traj, u_fin[None]]), denoised=den)
+    return u_fin, info
+
+
+def _denoiser_runner(sde, model):
+    return jax.jit(lambda u0, tab: _exponential.multistep_scan(sde, model, u0, tab))
+# --- end issue 15
 
 
 def _sscs(sde, model, u_init, ts, lam, key, return_trajectory):
