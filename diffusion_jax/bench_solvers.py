@@ -50,7 +50,7 @@ SAMPLERS = {
 # the denoiser-form multistep on power grids: order q, corrector c (or none), exponent p
 for _q in (1, 2, 3):
     for _c in (-1, _q):
-        for _p in (2.0, 3.0, 4.0, 6.0):
+        for _p in (3.0, 6.0):
             SAMPLERS[f"gddimD_q{_q}_c{'none' if _c < 0 else _c}_p{_p:g}"] = (
                 "gddim", dict(order=_q, corrector=_c, grid="power", rho=_p, predict="denoiser"))
 for _q in (2, 3):
