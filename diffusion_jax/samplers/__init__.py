@@ -302,7 +302,7 @@ def _gddim(sde, model, u_init, ts, order, lam, key, return_trajectory, keep_resi
 
 # --- issue 15
 def _gddim_denoiser(sde, model, u_init, ts, order, corrector, return_trajectory):
-    """Multistep exponential integrator in the denoiser (:mod:`.exponential`), jitted once per shapes."""
+    """Multistep exponential integrator in the denoiser (:mod:`.exponential`): host float64 tables, one jitted scan."""
     from diffusion_jax.param import square_root
     tab = _exponential.step_tables(sde, square_root(sde, "R"), tuple(float(t) for t in ts), order, corrector,
                                    K=model.sqrt)
