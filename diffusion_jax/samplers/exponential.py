@@ -89,6 +89,18 @@ def _variable(sde, kind: str):
     return lam, dlam
 
 
+def _r_inv_k(sqrt: SquareRoot, K: SquareRoot, t: float) -> np.ndarray:
+    """R_t^{-1} K_t without a solve where it is known: I for K = R, U_t^T for K = L (R = L U, U orthogonal);
+    a float64 solve with R_t (condition up to ~1e11 at t = 1e-3) would cost digits that the exact cancellation
+    of a constant D needs."""
+    if K is sqrt or K.kind == sqrt.kind:
+        return np.broadcast_to(np.eye(sqrt.sde.order), np.shape(sqrt.np(t))).copy()
+    if sqrt.kind == "R" and K.kind == "L":
+        u_t = np.asarray(sqrt._rotation(np.float64(t), np))          # shared by every mode
+        return np.broadcast_to(np.swapaxes(u_t, -1, -2), np.shape(K.np(t))).copy()
+    return np.linalg.solve(sqrt.np(t), K.np(t))
+
+
 def _solve_vec(r: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.linalg.solve(r, v[..., None])[..., 0]
 
@@ -187,7 +199,7 @@ def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corr
     ms = [sde.transition_np(0.0, t)[..., :, 0] for t in ts]
     kshape = ms[0].shape
     n_hist = max(order + 1, corrector + 2, 1)
-    b = np.stack([rs[i + 1] @ np.linalg.solve(rs[i], K.np(ts[i])) for i in range(n)])
+    b = np.stack([rs[i + 1] @ _r_inv_k(sqrt, K, ts[i]) for i in range(n)])
     v = np.zeros((n, n_hist) + kshape)
     g = np.zeros((n, n_hist) + kshape)
     orders = np.zeros(n, np.int64)
