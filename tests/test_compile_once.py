@@ -106,7 +106,7 @@ def test_a_closure_over_weights_would_be_lowered_as_constants():
     (dict(method="gddim", nfe=5, ode_jump=True), "gddim does not use option.*ode_jump.*its options are"),
     (dict(method="heun", nfe=5, order=2), "heun does not use option.*order"),
     (dict(method="edm_heun", nfe=5, grid="uniform"), "edm_heun does not use option.*grid"),
-    (dict(method="euler", nfe=5, rho=3.0), "rho shapes the 'edm' grid"),
+    (dict(method="euler", nfe=5, rho=3.0), "rho shapes the 'edm' and 'power' grids"),
     (dict(method="dopri5", nfe=5), "adaptive"),
     (dict(method="gddim", nfe=0), "nfe must be an integer >= 1"),
     (dict(method="gddim", nfe=3, order=3), "order <= 2"),

@@ -5,10 +5,19 @@ for every linear family (diffusion_jax.exact). From 256 prior samples (fixed see
 T to t_end = 1e-3; the error is the mean L2 distance of the data coordinate to a high-accuracy reference
 solve (diffrax Dopri5, rtol = atol = 1e-7) from the same initial state. Stochastic samplers are scored by
 the sliced Wasserstein distance of their data coordinate to true mixture samples (same for all).
+
+``gddim_default`` is ``sample(method="gddim", nfe=N)`` with nothing else chosen; the ``gddimD_*`` entries
+are the denoiser-form multistep (order q, corrector c or none, power grid with exponent p). The summary
+(``bench_solvers_best.md``) gives per family and NFE the best deterministic configuration tried and the
+default's error and ratio to it.
+
+:func:`tune` writes the defaults' table (``diffusion_jax/samplers/tuned_grids.json``):
+``python -m diffusion_jax bench-solvers --tune`` (tuned on its own prior draws, seed 100, not the benchmark's).
 """
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 
@@ -18,6 +27,7 @@ import numpy as np
 from diffusion_jax import exact, sdes
 from diffusion_jax.evaluation.distances import sliced_wasserstein
 from diffusion_jax.exact import exact_eps_fn
+from diffusion_jax.param import square_root
 from diffusion_jax.samplers import prior_init, sample
 
 FAMILIES = {"vp": ("vp", {}), "cld": ("cld", {}), "told": ("told", {}), "cdhold4": ("cdhold", {"n": 4}),
@@ -27,15 +37,26 @@ NFES = (5, 10, 20, 50, 100, 200, 500, 1000)
 SAMPLERS = {
     "euler": ("euler", {}), "heun": ("heun", {}), "midpoint": ("midpoint", {}),
     "edm_heun": ("edm_heun", {}),
-    "gddim_q0": ("gddim", dict(order=0)), "gddim_q1": ("gddim", dict(order=1)),
-    "gddim_q2": ("gddim", dict(order=2)), "gddim_q3": ("gddim", dict(order=3)),
-    "gddim_q1_logsnr": ("gddim", dict(order=1, grid="logsnr")),
-    "gddim_q2_logsnr": ("gddim", dict(order=2, grid="logsnr")),
-    "gddim_q2_quad": ("gddim", dict(order=2, grid="quadratic")),
+    "gddim_q0": ("gddim", dict(order=0, grid="uniform", predict="eps")),
+    "gddim_q1": ("gddim", dict(order=1, grid="uniform", predict="eps")),
+    "gddim_q2": ("gddim", dict(order=2, grid="uniform", predict="eps")),
+    "gddim_q3": ("gddim", dict(order=3, grid="uniform", predict="eps")),
+    "gddim_q1_logsnr": ("gddim", dict(order=1, grid="logsnr", predict="eps")),
+    "gddim_q2_logsnr": ("gddim", dict(order=2, grid="logsnr", predict="eps")),
+    "gddim_q2_quad": ("gddim", dict(order=2, grid="quadratic", predict="eps")),
     "sscs_ode": ("sscs", dict(lam=0.0)),
     "euler_maruyama": ("euler_maruyama", {}), "sscs": ("sscs", dict(lam=1.0)),
     "gddim_stoch": ("gddim", dict(order=0, lam=1.0)),
+    "gddim_default": ("gddim", {}),
 }
+# the denoiser-form multistep on power grids: order q, corrector c (or none), exponent p
+for _q in (1, 2, 3):
+    for _c in (-1, _q):
+        for _p in (3.0, 6.0):
+            SAMPLERS[f"gddimD_q{_q}_c{'none' if _c < 0 else _c}_p{_p:g}"] = (
+                "gddim", dict(order=_q, corrector=_c, grid="power", rho=_p, predict="denoiser"))
+for _q in (2, 3):
+    SAMPLERS[f"gddim_q{_q}_p4"] = ("gddim", dict(order=_q, grid="power", rho=4.0, predict="eps"))
 STOCHASTIC = {"euler_maruyama", "sscs", "gddim_stoch"}
 
 
@@ -133,7 +154,130 @@ def _write_tables(rows: list[dict], out_dir: str) -> None:
         lines.append("")
     with open(os.path.join(out_dir, "bench_solvers.md"), "w") as f:
         f.write("\n".join(lines))
-    print(f"wrote {out_dir}/bench_solvers.md, .csv and error_vs_nfe_*.png")
+    best = best_table(rows)
+    with open(os.path.join(out_dir, "bench_solvers_best.md"), "w") as f:
+        f.write("\n".join(best))
+    print("\n".join(best))
+    print(f"wrote {out_dir}/bench_solvers.md, bench_solvers_best.md, .csv and error_vs_nfe_*.png")
+
+
+def best_table(rows: list[dict]) -> list[str]:
+    """Per family and requested NFE: the best deterministic configuration tried, the default's error and
+    their ratio (``gddim_default`` / best; the defaults are meant to stay within 1.1)."""
+    lines = ["# Best configuration vs the gddim default", "",
+             "| family | NFE | best | best error | default error | default / best |", "|---|---|---|---|---|---|"]
+    fams = sorted({r["family"] for r in rows}, key=list(FAMILIES).index)
+    for fam in fams:
+        for nfe in sorted({r["nfe_requested"] for r in rows if r["family"] == fam}):
+            sub = [r for r in rows if r["family"] == fam and r["nfe_requested"] == nfe
+                   and r["sampler"] not in STOCHASTIC and r["nfe"] <= nfe and np.isfinite(r["mean_l2_to_reference"])]
+            if not sub:
+                continue
+            b = min(sub, key=lambda r: r["mean_l2_to_reference"])
+            d = next((r for r in sub if r["sampler"] == "gddim_default"), None)
+            d_err = "" if d is None else f"{d['mean_l2_to_reference']:.2e}"
+            ratio = "" if d is None else f"{d['mean_l2_to_reference'] / b['mean_l2_to_reference']:.2f}"
+            lines.append(f"| {fam} | {nfe} | {b['sampler']} | {b['mean_l2_to_reference']:.2e} | {d_err} | {ratio} |")
+    return lines
+
+
+# ------------------------------------------------------------------ tuning the gddim defaults
+TUNE_FAMILIES = ("vp", "cld", "psld", "told", "cdhold4")
+TUNE_NFES = (5, 10, 20, 50)
+TUNE_RHOS = (2.0, 3.0, 4.0, 6.0)
+
+
+def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, log):
+    """Per NFE: best (order, corrector, rho) on uniform s, then coordinate descent on log s-increments."""
+    import jax.numpy as jnp
+
+    from diffusion_jax.param import Model
+    from diffusion_jax.samplers import exponential
+    from diffusion_jax.samplers.defaults import power_grid
+
+    model = Model(sde, fn, "eps", "R")
+    sqrt = square_root(sde, "R")
+    runner = jax.jit(lambda u, tab: exponential.multistep_scan(sde, model, u, tab)[0])
+
+    def err(s, rho, q, c):
+        ts = power_grid(s, rho, sde.T, t_end)
+        tab = exponential.step_tables(sde, sqrt, tuple(float(t) for t in ts), q, c)
+        x = runner(u0, {k: jnp.asarray(tab[k], u0.dtype) for k in ("t", "m_next", "b", "v", "g")})
+        x = np.asarray(x[..., 0], np.float64)
+        e = float(np.mean(np.linalg.norm(x - ref, axis=1)))
+        return e if np.isfinite(e) else np.inf
+
+    def s_of(z):
+        w = np.exp(z)
+        return (1.0 - np.concatenate([[0.0], np.cumsum(w)]) / w.sum())
+
+    out = {}
+    for nfe in nfes:
+        best = (np.inf, None)
+        for q in range(1, min(3, nfe - 1) + 1):
+            for c in (-1, q, q + 1):
+                for rho in rhos:
+                    e = err(s_of(np.zeros(nfe)), rho, q, c)
+                    if e < best[0]:
+                        best = (e, (q, c, rho))
+        e0, (q, c, rho) = best
+        z, e_best, step = np.zeros(nfe), e0, 0.4
+        if nfe <= descent_max_nfe:
+            for _ in range(rounds):
+                for k in range(nfe):
+                    for sgn in (1.0, -1.0):
+                        z2 = z.copy()
+                        z2[k] += sgn * step
+                        e = err(s_of(z2), rho, q, c)
+                        if e < e_best:
+                            z, e_best = z2, e
+                            break
+                step *= 0.6
+        out[str(nfe)] = dict(order=q, corrector=c, rho=rho, s=[float(v) for v in s_of(z)],
+                             tune_error_power_grid=e0, tune_error=e_best)
+        log(f"  nfe={nfe}: order={q} corrector={c} rho={rho:g}: {e0:.3e} (uniform s) -> {e_best:.3e} (tuned)")
+    return out
+
+
+def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samples: int = 128, seed: int = 100,
+         t_end: float = 1e-3, rhos=TUNE_RHOS, rounds: int = 2, descent_max_nfe: int = 20) -> dict:
+    """Measure and store the gddim defaults (see :mod:`diffusion_jax.samplers.defaults`).
+
+    For each family and NFE: every order q = 1..3 with corrector none / q / q + 1 on power grids with
+    exponent in ``rhos`` (s uniform) is run on exact mixture scores from ``n_samples`` prior draws
+    (``seed``, distinct from the benchmark's); the best one's node spacing is then optimised by coordinate
+    descent on the log increments of s (``rounds`` sweeps, step 0.4 shrinking by 0.6; only for
+    NFE <= ``descent_max_nfe``). The table is written as JSON to ``path`` (default: the package's table).
+    """
+    from diffusion_jax.samplers import defaults
+
+    path = defaults.TUNED_PATH if path is None else path
+    mix = exact.ring_of_gaussians(8, 1.0, 0.01)
+    table = dict(command="python -m diffusion_jax bench-solvers --tune",
+                 setup=dict(data="ring_of_gaussians(8, 1.0, 0.01)", n_samples=n_samples, seed=seed, t_end=t_end,
+                            rhos=list(rhos), rounds=rounds, descent_max_nfe=descent_max_nfe,
+                            reference="dopri5 rtol=atol=1e-7", error="mean L2 of the data coordinate"),
+                 entries={})
+    if os.path.exists(path):
+        with open(path) as f:
+            table["entries"] = json.load(f).get("entries", {})
+    for fam in families:
+        if fam not in FAMILIES:
+            raise ValueError(f"unknown family {fam!r}; choose from {list(FAMILIES)}")
+        sde = sdes.make(FAMILIES[fam][0], **FAMILIES[fam][1])
+        fn = exact_eps_fn(sde, mix)
+        u0 = prior_init(sde, jax.random.PRNGKey(seed), n_samples, (2,))
+        ref, _ = sample(sde, fn, u0, method="dopri5", rtol=1e-7, atol=1e-7, t_end=t_end, max_steps=100_000)
+        ref = np.asarray(ref[..., 0], np.float64)
+        print(f"[tune {fam}]", flush=True)
+        from diffusion_jax.samplers.defaults import family_key
+        table["entries"][family_key(sde)] = _tune_family(
+            sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, lambda m: print(m, flush=True))
+        with open(path, "w") as f:
+            json.dump(table, f, indent=1)
+    defaults.load_table.cache_clear()
+    print(f"wrote {path}")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,8 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", default=None, help=f"comma list of {','.join(SAMPLERS)}")
     p.add_argument("--nfe", default=None, help="comma list of NFE (default 5,10,20,50,100,200,500,1000)")
     p.add_argument("--n-samples", type=int, default=256)
+    p.add_argument("--tune", action="store_true",
+                   help="measure the gddim defaults and write diffusion_jax/samplers/tuned_grids.json")
     a = p.parse_args(argv)
     split = lambda v: v.split(",") if v else None
-    nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else NFES
-    run(a.out, split(a.families), split(a.samplers), nfes, a.n_samples)
+    if a.tune:
+        nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else TUNE_NFES
+        tune(None, split(a.families) or TUNE_FAMILIES, nfes)
+    else:
+        nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else NFES
+        run(a.out, split(a.families), split(a.samplers), nfes, a.n_samples)
     return 0

@@ -20,7 +20,11 @@ Methods and their options (anything else is an error naming these):
 * ``euler``, ``heun``, ``midpoint``, ``tsit5``: diffrax, fixed steps on the time grid (``grid``, ``rho``);
 * ``dopri5``, ``tsit5_adaptive``: diffrax with a PID controller (``rtol``, ``atol``, ``max_steps``; no ``nfe``);
 * ``euler_maruyama``: the reverse SDE (``grid``, ``rho``; needs a key);
-* ``gddim``: exponential integrator in eps, multistep ``order`` q = 0..3, stochastic with ``lam`` > 0;
+* ``gddim``: exponential integrator, multistep ``order`` q = 0..3; deterministic steps interpolate the denoiser
+  (``predict="denoiser"``, the matrix analogue of DPM-Solver++ multistep, with an optional ``corrector`` that
+  costs no evaluation, :mod:`.exponential`) or eps (``predict="eps"``, :mod:`.gddim`; also the stochastic
+  form, ``lam`` > 0). Options left unset (order, corrector, grid) take the best measured configuration for
+  the family and NFE (:mod:`.defaults`, ``bench-solvers --tune``);
 * ``sscs``: symmetric splitting, exact linear half-steps around an Euler score step (``lam``, default 1);
 * ``edm_heun``: Karras et al.'s Heun in sigma(t) on the EDM grid (``rho``, ``ode_jump``).
 
@@ -64,7 +68,8 @@ class SampleInfo(NamedTuple):
     nfe: exact network evaluations (the final denoising step included); ts: the time grid (host float64);
     trajectory / denoised: as in :class:`SampleResult` (None unless ``return_trajectory``); denoised_ts: the
     times of ``denoised`` (the grid, or SSCS's step midpoints); nfe_analysis: extra evaluations spent on
-    ``denoised`` (diffrax methods evaluate it after the solve); steps / rejected: adaptive step counts (else None).
+    ``denoised`` (diffrax methods evaluate it after the solve); steps / rejected: adaptive step counts (else None);
+    config: gddim's configuration as run (order, corrector, predict, grid source, per-step orders), else None.
     """
     nfe: int
     ts: np.ndarray
@@ -74,6 +79,7 @@ class SampleInfo(NamedTuple):
     nfe_analysis: int
     steps: int | None
     rejected: int | None
+    config: dict | None = None
 
 
 def prior_init(sde: Family, key: Array, batch: int, data_shape: tuple[int, ...]) -> Array:
@@ -196,7 +202,8 @@ def sample(sde: Family, fn: Callable, u_init: Array, *, method: str, nfe: int | 
                                                                 else plan.ts[:len(res.denoised)])
         if method in DIFFRAX_FIXED or method in DIFFRAX_ADAPTIVE or method == "euler_maruyama":
             nfe_analysis = len(plan.ts)
-    return res.u, SampleInfo(nfe_done, plan.ts, traj, res.denoised, den_ts, nfe_analysis, steps, rejected)
+    return res.u, SampleInfo(nfe_done, plan.ts, traj, res.denoised, den_ts, nfe_analysis, steps, rejected,
+                             dict(plan.meta) if plan.meta else None)
 
 
 __all__ = ["sample", "compile", "Sampler", "SampleResult", "SampleInfo", "prior_init", "time_grid", "noise_level",

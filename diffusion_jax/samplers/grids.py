@@ -5,7 +5,7 @@ import numpy as np
 
 from diffusion_jax.sdes.base import Family
 
-GRIDS = ("uniform", "quadratic", "logsnr", "edm")
+GRIDS = ("uniform", "quadratic", "logsnr", "edm", "power")
 
 
 def noise_level(sde: Family, t: np.ndarray) -> np.ndarray:
@@ -47,7 +47,8 @@ def time_grid(sde: Family, n_steps: int, kind: str = "uniform", t_start: float |
 
     * ``uniform``: equal steps in t;  ``quadratic``: t = t_end + (t_start - t_end) s^2, s uniform;
     * ``logsnr``: equal steps in log(m_t^2 / Sigma_t[x, x]);
-    * ``edm``: Karras et al.'s rho-schedule on the noise level sigma(t) (``rho`` = 7).
+    * ``edm``: Karras et al.'s rho-schedule on the noise level sigma(t) (``rho`` = 7);
+    * ``power``: the same rho-schedule on t itself, t = (t_end^{1/rho} + s (t_start^{1/rho} - t_end^{1/rho}))^rho.
     """
     if kind not in GRIDS:
         raise ValueError(f"unknown time grid {kind!r}; choose one of {GRIDS}")
@@ -62,6 +63,9 @@ def time_grid(sde: Family, n_steps: int, kind: str = "uniform", t_start: float |
         grid = t_end + (t_start - t_end) * s
     elif kind == "quadratic":
         grid = t_end + (t_start - t_end) * s * s
+    elif kind == "power":
+        lo_p, hi_p = t_end ** (1.0 / rho), t_start ** (1.0 / rho)
+        grid = (lo_p + s * (hi_p - lo_p)) ** rho
     elif kind == "logsnr":
         neg_logsnr = lambda t: 2 * np.log(noise_level(sde, t))
         lo, hi = neg_logsnr(np.array([t_end, t_start]))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_jax.param.roots import SQUARE_ROOTS, OUTPUTS, SquareRoot, square_root
+from diffusion_jax.samplers.exponential import step_tables
 from diffusion_jax.samplers.gddim import _psd_sqrt, gddim_coefficients
 from diffusion_jax.samplers.grids import GRIDS, noise_level, time_grid
 from diffusion_jax.sdes.base import Family
@@ -32,14 +33,16 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     **{m: ("grid", "rho") for m in DIFFRAX_FIXED},
     **{m: ("rtol", "atol", "max_steps") for m in DIFFRAX_ADAPTIVE},
     "euler_maruyama": ("grid", "rho"),
-    "gddim": ("grid", "rho", "order", "lam"),
+    "gddim": ("grid", "rho", "order", "lam", "predict", "corrector"),
     "sscs": ("grid", "rho", "lam"),
     "edm_heun": ("rho", "ode_jump"),
 }
 METHODS = tuple(METHOD_OPTIONS)
 COMMON_OPTIONS = ("output", "K", "t_start", "t_end", "denoise_final", "return_trajectory")
 DEFAULTS: dict[str, Any] = dict(grid="uniform", rho=7.0, order=1, lam=0.0, rtol=1e-5, atol=1e-5, max_steps=16384,
-                                ode_jump=False)
+                                ode_jump=False, corrector=-1)
+PREDICTS = ("denoiser", "eps")
+MAX_CORRECTOR = 4
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"sscs": dict(lam=1.0), "edm_heun": dict(grid="edm")}
 
 
@@ -57,7 +60,7 @@ def check_options(method: str, nfe: int | None, options: dict[str, Any]) -> dict
     if bad:
         raise ValueError(f"{method} does not use option(s) {', '.join(bad)}; its options are "
                          f"{', '.join(allowed) or 'none'} (and {', '.join(COMMON_OPTIONS)})")
-    opts = {k: DEFAULTS[k] for k in allowed}
+    opts = {k: DEFAULTS[k] for k in allowed if k in DEFAULTS}
     opts.update({k: v for k, v in METHOD_DEFAULTS.get(method, {}).items() if k in allowed})
     opts.update(options)
     if method in DIFFRAX_ADAPTIVE:
@@ -71,13 +74,25 @@ def check_options(method: str, nfe: int | None, options: dict[str, Any]) -> dict
         raise ValueError(f"nfe must be an integer >= 1 for {method}, got {nfe!r}")
     if "grid" in opts and opts["grid"] not in GRIDS:
         raise ValueError(f"unknown time grid {opts['grid']!r}; choose one of {GRIDS}")
-    if "rho" in options and method != "edm_heun" and opts.get("grid") != "edm":
-        raise ValueError("rho shapes the 'edm' grid only: pass grid='edm' with rho, or drop rho")
+    if "rho" in options and method != "edm_heun" and opts.get("grid") not in ("edm", "power"):
+        raise ValueError("rho shapes the 'edm' and 'power' grids only: pass grid='edm' or 'power' with rho, "
+                         "or drop rho")
     if "rho" in opts and not (opts["rho"] > 0):
         raise ValueError(f"rho must be > 0, got {opts['rho']}")
     if "lam" in opts and not (opts["lam"] >= 0 and math.isfinite(opts["lam"])):
         raise ValueError(f"lam must be finite and >= 0, got {opts['lam']}")
     if method == "gddim":
+        # deterministic gddim interpolates the denoiser unless told otherwise (the eps form for lam > 0)
+        opts.setdefault("predict", "denoiser" if opts["lam"] == 0 else "eps")
+        if opts["predict"] not in PREDICTS:
+            raise ValueError(f"gddim predict must be one of {PREDICTS}, got {opts['predict']!r}")
+        if opts["predict"] == "denoiser" and opts["lam"] > 0:
+            raise ValueError("gddim predict='denoiser' is deterministic: use predict='eps' for lam > 0")
+        c = opts["corrector"]
+        if not (isinstance(c, (int, np.integer)) and -1 <= c <= MAX_CORRECTOR):
+            raise ValueError(f"gddim corrector must be an integer in -1..{MAX_CORRECTOR} (-1: none), got {c!r}")
+        if c >= 0 and opts["predict"] != "denoiser":
+            raise ValueError("the gddim corrector needs predict='denoiser' (pass corrector=-1 for predict='eps')")
         q = opts["order"]
         if not (isinstance(q, (int, np.integer)) and 0 <= q <= MAX_GDDIM_ORDER):
             raise ValueError(f"gddim order must be an integer in 0..{MAX_GDDIM_ORDER}, got {q!r}")
@@ -105,7 +120,8 @@ class Plan:
     """A method's validated options, its time grid ``ts`` (host float64, decreasing) and its tables.
 
     ``nfe`` is the exact number of network evaluations of one run (None for adaptive methods, whose count
-    is known after the solve); ``tables`` are host arrays passed to the compiled run as arguments.
+    is known after the solve); ``tables`` are host arrays passed to the compiled run as arguments; ``meta``
+    the configuration a gddim run uses (order, corrector, predict, grid source, per-step orders).
     """
     method: str
     options: tuple[tuple[str, Any], ...]
@@ -114,6 +130,7 @@ class Plan:
     ts: np.ndarray
     nfe: int | None
     tables: dict[str, np.ndarray]
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)   # gddim: the configuration actually used
 
     @property
     def opts(self) -> dict[str, Any]:
@@ -132,11 +149,24 @@ def _steps_for(method: str, nfe: int) -> int:
 def make_plan(sde: Family, method: str, nfe: int | None = None, K: str = "R", t_start: float | None = None,
               t_end: float | None = None, **options: Any) -> Plan:
     """The validated, cached plan of ``method`` on ``sde`` (see the module docstring)."""
-    opts = check_options(method, nfe, options)
     t_start = sde.T if t_start is None else float(t_start)
     t_end = sde.t_min if t_end is None else float(t_end)
     if not (0 < t_end < t_start <= sde.T):
         raise ValueError(f"need 0 < t_end < t_start <= T={sde.T}, got t_end={t_end}, t_start={t_start}")
+    if method == "gddim" and options.get("lam", 0.0) == 0 and options.get("predict", "denoiser") == "denoiser" \
+            and isinstance(nfe, (int, np.integer)) and nfe >= 1:
+        # options left unset take the best measured configuration for the family and NFE (defaults.py)
+        from diffusion_jax.samplers.defaults import gddim_defaults
+        cfg = gddim_defaults(sde, int(nfe), t_start, t_end)
+        options = dict(options)
+        options.setdefault("order", cfg["order"])
+        options.setdefault("corrector", cfg["corrector"])
+        if "grid" not in options and "rho" not in options:
+            options["grid"] = "tuned"
+    tuned = options.get("grid") == "tuned"
+    opts = check_options(method, nfe, {k: v for k, v in options.items() if not (tuned and k == "grid")})
+    if tuned:
+        opts["grid"] = "tuned"
     return _plan(sde, method, None if nfe is None else int(nfe), K, t_start, t_end, tuple(sorted(opts.items())))
 
 
@@ -146,16 +176,31 @@ def _plan(sde: Family, method: str, nfe: int | None, kind: str, t_start: float, 
     opts = dict(options)
     if method in DIFFRAX_ADAPTIVE:
         ts = np.linspace(t_start, t_end, 33)                     # save points of a returned trajectory
-        return Plan(method, options, t_start, t_end, ts, None, {"ts": ts})
+        return Plan(method, options, t_start, t_end, ts, None, {"ts": ts}, {})
     n = _steps_for(method, nfe)
-    ts = time_grid(sde, n, opts.get("grid", "edm"), t_start, t_end, opts.get("rho", 7.0))
+    meta: dict[str, Any] = {}
+    if opts.get("grid") == "tuned":
+        from diffusion_jax.samplers.defaults import gddim_defaults
+        cfg = gddim_defaults(sde, nfe, t_start, t_end)
+        ts, meta["grid"] = cfg["ts"], cfg["source"]
+    else:
+        ts = time_grid(sde, n, opts.get("grid", "edm"), t_start, t_end, opts.get("rho", 7.0))
     tables: dict[str, np.ndarray] = {"ts": ts}
     if method in DIFFRAX_FIXED:
         per_step, extra = DIFFRAX_FIXED[method]
         count = per_step * n + extra
     elif method == "euler_maruyama":
         count = n
+    elif method == "gddim" and opts["predict"] == "denoiser":
+        tab = step_tables(sde, square_root(sde, "R"), tuple(float(t) for t in ts), opts["order"], opts["corrector"],
+                          K=square_root(sde, kind))
+        meta.update(order=opts["order"], corrector=opts["corrector"], predict="denoiser",
+                    orders=tab.pop("orders"), correctors=tab.pop("correctors"))
+        meta.setdefault("grid", opts["grid"])
+        tables.update(tab)
+        count = n
     elif method == "gddim":
+        meta.update(order=opts["order"], corrector=-1, predict="eps", grid=opts["grid"])
         c = gddim_coefficients(sde, square_root(sde, kind), tuple(float(t) for t in ts), opts["order"],
                                float(opts["lam"]))
         tables.update(psi=c["psi"], coef=c["coef"], noise=c["noise"], m_next=c["m_next"], r_next=c["r_next"])
@@ -171,7 +216,7 @@ def _plan(sde: Family, method: str, nfe: int | None, kind: str, t_start: float, 
         dt_dsig = 1.0 / ((noise_level(sde, hi) - noise_level(sde, ts - h)) / (hi - (ts - h)))
         tables.update(dsig=np.diff(sig), j0=dt_dsig[:-1], j1=dt_dsig[1:])
         count = 2 * n - 1
-    return Plan(method, options, t_start, t_end, ts, count, tables)
+    return Plan(method, options, t_start, t_end, ts, count, tables, meta)
 
 
 def _sscs_tables(sde: Family, ts: np.ndarray, lam: float) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from diffusion_jax.param.convert import Model
 from diffusion_jax.param.roots import square_root
+from diffusion_jax.samplers.exponential import multistep_scan
 from diffusion_jax.samplers.plan import DIFFRAX_ADAPTIVE, DIFFRAX_FIXED
 from diffusion_jax.sdes.base import Family
 
@@ -112,6 +113,16 @@ def runner(sde: Family, apply: Callable, method: str, options: tuple, output: st
             traj = ys if return_trajectory else None
             den = denoised_along(model, traj, ts) if return_trajectory else None
             return finish(model, ys[-1]), traj, den, ()
+        return run
+
+    if method == "gddim" and opts["predict"] == "denoiser":
+        def run(params, u0, key, tables):
+            model = model_of(params)
+            tab = {k: jnp.asarray(tables[k], u0.dtype) for k in ("t", "m_next", "b", "v", "g")}
+            u_fin, traj, den = multistep_scan(sde, model, u0, tab)
+            if not return_trajectory:
+                return finish(model, u_fin), None, None, ()
+            return finish(model, u_fin), jnp.concatenate([traj, u_fin[None]]), den, ()
         return run
 
     if method == "gddim":

@@ -1,0 +1,84 @@
+r"""Default gDDIM configuration per family and NFE: the best measured one on the exact-score benchmark.
+
+``sample(sde, fn, u, method="gddim", nfe=N)`` with nothing else chosen takes its multistep order, its
+corrector and its time grid from here. The grids are data (``tuned_grids.json`` beside this file), written
+by ``python -m diffusion_jax bench-solvers --tune`` (see ``diffusion_jax.bench_solvers.tune``): for each
+family (at its default parameters) and NFE, every (order, corrector) on power grids
+t = (t_end^{1/p} + s (t_start^{1/p} - t_end^{1/p}))^p, s uniform, is measured, and the best one's nodes s_i
+are then optimised coordinate-wise on exact-score trajectories (8-Gaussian ring, its own prior draws, not
+the benchmark's). A stored grid is kept in the variable s, so it maps onto any [t_end, t_start].
+
+Resolution for a family and N:
+* the stored entry for (family, N) when there is one;
+* for another N of a stored family: its nearest stored NFE's configuration, the node profile s(i / N)
+  interpolated (monotone, piecewise linear in i / N);
+* otherwise the generic rule :data:`GENERIC` (a power grid, order 3 with corrector).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+TUNED_PATH = os.path.join(os.path.dirname(__file__), "tuned_grids.json")
+# generic rule for families with no stored entry (measured best on average over the five benchmark families)
+GENERIC = dict(order=3, corrector=3, rho=4.0)
+
+
+def family_key(sde: Any) -> str:
+    """``name`` plus the family's parameters (a stored grid applies only to the parameters it was tuned on)."""
+    params = getattr(sde, "params", {}) or {}
+    items = ",".join(f"{k}={_fmt(v)}" for k, v in sorted(params.items()))
+    return f"{sde.name}({items})"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return "[" + ",".join(_fmt(x) for x in np.asarray(v).ravel()) + "]"
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.10g}"
+    return str(v)
+
+
+@functools.lru_cache(maxsize=4)
+def load_table(path: str = TUNED_PATH) -> dict:
+    """The stored table ``{"entries": {family_key: {nfe: {order, corrector, rho, s, ...}}}, ...}``."""
+    if not os.path.exists(path):
+        return {"entries": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+def power_grid(s: np.ndarray, rho: float, t_start: float, t_end: float) -> np.ndarray:
+    """t = (t_end^{1/rho} + s (t_start^{1/rho} - t_end^{1/rho}))^rho for s in [0, 1] (decreasing s -> grid)."""
+    s = np.asarray(s, np.float64)
+    lo, hi = t_end ** (1.0 / rho), t_start ** (1.0 / rho)
+    g = (lo + s * (hi - lo)) ** rho
+    g[0], g[-1] = t_start, t_end
+    return g
+
+
+def _resample(s: np.ndarray, nfe: int) -> np.ndarray:
+    x_old = np.linspace(0.0, 1.0, len(s))
+    return np.interp(np.linspace(0.0, 1.0, nfe + 1), x_old, np.asarray(s, np.float64))
+
+
+def gddim_defaults(sde: Any, nfe: int, t_start: float, t_end: float, table: dict | None = None) -> dict:
+    """dict(order, corrector, ts (host float64 grid), source) for ``method="gddim"`` with ``nfe`` steps."""
+    entries = (load_table() if table is None else table).get("entries", {}).get(family_key(sde), {})
+    if str(nfe) in entries:
+        e = entries[str(nfe)]
+        s, source = np.asarray(e["s"], np.float64), f"tuned {family_key(sde)} nfe={nfe}"
+    elif entries:
+        near = min(entries, key=lambda k: (abs(np.log(int(k) / nfe)), int(k)))
+        e = entries[near]
+        s, source = _resample(e["s"], nfe), f"tuned {family_key(sde)} nfe={near}, resampled to {nfe}"
+    else:
+        e, s, source = GENERIC, np.linspace(1.0, 0.0, nfe + 1), "generic"
+    order = int(min(e["order"], nfe - 1))
+    corrector = int(min(e["corrector"], nfe - 1)) if e["corrector"] >= 0 else -1
+    return dict(order=order, corrector=corrector, ts=power_grid(s, float(e["rho"]), t_start, t_end),
+                source=source)
