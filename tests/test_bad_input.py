@@ -6,7 +6,7 @@ from diffusion_jax import sdes
 
 def test_unknown_family_lists_known_ones():
     with pytest.raises(ValueError, match="known families: bdm, cdhold, cld, hold, pfgm, pfgmpp, psld, radial_exp, "
-                                         "radial_tanh, told, ve, vp"):
+                                         "radial_tanh, subvp, told, ve, vp"):
         sdes.make("cldd")
 
 

@@ -46,8 +46,8 @@ def test_config_builds(name):
     c = load(name)
     configs.validate(c)
     assert c.model.name == "ncsnpp"
-    size = c.data.image_size
-    exp = build_experiment(c, (size, size, 3))
+    from diffusion_jax.data import data_shape
+    exp = build_experiment(c, data_shape(c))
     k = exp.sde.order
     assert exp.net.in_channels == exp.net.out_channels == 3 * k
     assert exp.precond.time_input == c.model.time_input

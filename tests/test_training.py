@@ -286,18 +286,20 @@ def test_bfloat16_compute_and_periodic_samples(tmp_path):
     c.sampling.order = 2
     c.sampling.grid = "quadratic"
     traces = []
-    import diffusion_jax.training.sampling as sampling_module
-    real_sample = sampling_module.sample
+    import diffusion_jax.samplers as samplers_module
+    from diffusion_jax.compilation import CompileLog
+    real_compile = samplers_module.compile
 
-    def counting_sample(*args, **kwargs):       # the periodic sampler is traced (compiled) once
-        traces.append(kwargs.get("order"))
-        return real_sample(*args, **kwargs)
-    sampling_module.sample = counting_sample
+    def counting_compile(*args, **kwargs):      # the periodic sampler is built (and compiled) once
+        traces.append((kwargs.get("order"), kwargs.get("grid")))
+        return real_compile(*args, **kwargs)
+    samplers_module.compile = counting_compile
     try:
-        out = train(c, str(tmp_path))
+        with CompileLog() as log:
+            out = train(c, str(tmp_path))
     finally:
-        sampling_module.sample = real_sample
-    assert traces == [2]
+        samplers_module.compile = real_compile
+    assert traces == [(2, "quadratic")] and log.count("sampler_") == 1, (traces, log.compiled)
     out = train(c, str(tmp_path))
     assert int(out["state"].step) == 4
     losses = _losses(tmp_path)

@@ -51,7 +51,7 @@ import numpy as np
 
 from diffusion_jax import samplers
 from diffusion_jax.training.state import pick_ema
-from diffusion_jax.samplers import DIFFRAX_ADAPTIVE, METHODS, prior_init
+from diffusion_jax.samplers import COMMON_OPTIONS, DIFFRAX_ADAPTIVE, METHODS, prior_init
 from diffusion_jax.samplers.plan import check_options
 from diffusion_jax.sharding import data_mesh, shard_batch
 
@@ -406,7 +406,7 @@ def run(workdir: str, samplers: str | Iterable[str] | None = None, nfes: str | I
     if batch is not None and batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     for spec in specs:                                  # inapplicable sampler options: fail before loading anything
-        opts = {k: v for k, v in spec.kwargs.items() if k not in samplers.COMMON_OPTIONS}
+        opts = {k: v for k, v in spec.kwargs.items() if k not in COMMON_OPTIONS}
         for budget in ([None] if spec.adaptive else budgets):
             check_options(spec.method, budget, opts)
     space = feature_space(metric, fid_weights)          # FID: fails here when the weights are missing

@@ -352,6 +352,12 @@ def _validate_sampling(s: ml_collections.ConfigDict) -> None:
                           f"choose one of {', '.join(fixed)}")
     if not (_int(s.nfe) and s.nfe >= 1):
         raise ConfigError(f"config.sampling.nfe must be an integer >= 1, got {s.nfe!r}")
+    from diffusion_jax.samplers import GRIDS, MAX_GDDIM_ORDER
+    if not (_int(s.order) and 0 <= s.order <= MAX_GDDIM_ORDER):
+        raise ConfigError(f"config.sampling.order (gddim multistep order) must be an integer in "
+                          f"0..{MAX_GDDIM_ORDER}, got {s.order!r}")
+    if s.grid not in GRIDS:
+        raise ConfigError(f"unknown time grid {s.grid!r} (config.sampling.grid); choose one of {GRIDS}")
     try:
         check_options(s.method, s.nfe, sampling_options(s))
     except ValueError as e:
