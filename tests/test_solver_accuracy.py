@@ -6,7 +6,7 @@
   0's measured float32 floor for told and cdhold n = 4: see SINGLE_POINT_TOL);
 * convergence orders on exact mixture scores (CLD, T -> 0.1): disjoint slope windows per order and a
   fixed-NFE error ratio between consecutive orders;
-* the defaults: ``sample(method="gddim", nfe=N)`` runs the stored configuration; the fallback rules.
+* the defaults: ``sample(method="gddim", nfe=N, predict="denoiser")`` runs the stored configuration; the fallback rules.
 """
 import functools
 
@@ -78,7 +78,8 @@ def test_every_order_is_exact_on_a_single_point_in_float32(name, params):
                 assert err <= tol, (nfe, order, corrector, err)
     # the public entry point with its defaults (the scan, tuned grids) keeps it too
     for nfe in (1, 2, 3, 5, 10, 20):
-        u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=nfe, output="denoiser", t_end=T_END)
+        u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=nfe, output="denoiser", t_end=T_END,
+                         predict="denoiser")
         assert info.nfe == nfe and info.config["predict"] == "denoiser"
         err = np.abs(np.asarray(u, np.float64) - ref).max() / scale
         assert err <= tol, (nfe, info.config, err)
@@ -138,11 +139,13 @@ def test_defaults_come_from_the_stored_table():
     expect = defaults.power_grid(np.asarray(e["s"]), e["rho"], sde.T, T_END)
     assert np.allclose(cfg["ts"], expect, rtol=1e-12) and cfg["order"] == e["order"]
     u0 = prior_init(sde, jax.random.PRNGKey(0), 2, (2,))
-    u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END)
+    u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END,
+                     predict="denoiser")
     assert np.allclose(info.ts, expect, rtol=1e-12)
     assert info.config["order"] == e["order"] and info.config["corrector"] == e["corrector"]
     # an explicit choice overrides only what it names
-    _, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END, order=1)
+    _, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END, order=1,
+                     predict="denoiser")
     assert info.config["order"] == 1 and np.allclose(info.ts, expect, rtol=1e-12)
 
 
@@ -172,7 +175,7 @@ def test_bad_gddim_options():
     with pytest.raises(ValueError, match="use predict='eps' for lam > 0"):
         sample(sde, fn, u0, method="gddim", nfe=5, predict="denoiser", lam=0.5, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="corrector must be an integer in -1..4"):
-        sample(sde, fn, u0, method="gddim", nfe=5, corrector=7)
+        sample(sde, fn, u0, method="gddim", nfe=5, corrector=7, predict="denoiser")
     with pytest.raises(ValueError, match="corrector needs predict='denoiser'"):
         sample(sde, fn, u0, method="gddim", nfe=5, predict="eps", corrector=2)
     with pytest.raises(ValueError, match="unknown interpolation variable"):

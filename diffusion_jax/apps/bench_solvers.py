@@ -6,7 +6,7 @@ T to t_end = 1e-3; the error is the mean L2 distance of the data coordinate to a
 solve (diffrax Dopri5, rtol = atol = 1e-7) from the same initial state. Stochastic samplers are scored by
 the sliced Wasserstein distance of their data coordinate to true mixture samples (same for all).
 
-``gddim_default`` is ``sample(method="gddim", nfe=N)`` with nothing else chosen; the ``gddimD_*`` entries
+``gddim_default`` is ``sample(method="gddim", nfe=N, predict="denoiser")`` with nothing else chosen (the tuned configuration); the ``gddimD_*`` entries
 are the denoiser-form multistep (order q, corrector c or none, power grid with exponent p). The summary
 (``bench_solvers_best.md``) gives per family and NFE the best deterministic configuration tried and the
 default's error and ratio to it.
@@ -47,7 +47,7 @@ SAMPLERS = {
     "sscs_ode": ("sscs", dict(lam=0.0)),
     "euler_maruyama": ("euler_maruyama", {}), "sscs": ("sscs", dict(lam=1.0)),
     "gddim_stoch": ("gddim", dict(order=0, lam=1.0)),
-    "gddim_default": ("gddim", {}),
+    "gddim_default": ("gddim", dict(predict="denoiser")),
 }
 # the denoiser-form multistep on power grids: order q, corrector c (or none), exponent p
 for _q in (1, 2, 3):

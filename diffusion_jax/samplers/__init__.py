@@ -20,11 +20,12 @@ Methods and their options (anything else is an error naming these):
 * ``euler``, ``heun``, ``midpoint``, ``tsit5``: diffrax, fixed steps on the time grid (``grid``, ``rho``);
 * ``dopri5``, ``tsit5_adaptive``: diffrax with a PID controller (``rtol``, ``atol``, ``max_steps``; no ``nfe``);
 * ``euler_maruyama``: the reverse SDE (``grid``, ``rho``; needs a key);
-* ``gddim``: exponential integrator, multistep ``order`` q = 0..3; deterministic steps interpolate the denoiser
-  (``predict="denoiser"``, the matrix analogue of DPM-Solver++ multistep, with an optional ``corrector`` that
-  costs no evaluation, :mod:`.exponential`) or eps (``predict="eps"``, :mod:`.gddim`; also the stochastic
-  form, ``lam`` > 0). Options left unset (order, corrector, grid) take the best measured configuration for
-  the family and NFE (:mod:`.defaults`, ``bench-solvers --tune``);
+* ``gddim``: exponential integrator, multistep ``order`` q = 0..3, in eps (``predict="eps"``, the default,
+  :mod:`.gddim`; stochastic with ``lam`` > 0) or, deterministic, in the denoiser (``predict="denoiser"``, the
+  matrix analogue of DPM-Solver++ multistep with an optional ``corrector`` at no extra evaluation,
+  :mod:`.exponential`); with ``predict="denoiser"`` the options left unset (order, corrector, grid) take the
+  best configuration measured on exact scores for the family and NFE (:mod:`.defaults`, ``bench-solvers --tune``).
+  The denoiser form is opt-in: with learned networks it diverged at NFE 10-50 in our tests;
 * ``sscs``: symmetric splitting, exact linear half-steps around an Euler score step (``lam``, default 1);
 * ``edm_heun``: Karras et al.'s Heun in sigma(t) on the EDM grid (``rho``, ``ode_jump``).
 

@@ -82,8 +82,9 @@ def check_options(method: str, nfe: int | None, options: dict[str, Any]) -> dict
     if "lam" in opts and not (opts["lam"] >= 0 and math.isfinite(opts["lam"])):
         raise ValueError(f"lam must be finite and >= 0, got {opts['lam']}")
     if method == "gddim":
-        # deterministic gddim interpolates the denoiser unless told otherwise (the eps form for lam > 0)
-        opts.setdefault("predict", "denoiser" if opts["lam"] == 0 else "eps")
+        # the eps form by default: the denoiser form (best on exact scores) diverged with learned networks
+        # at NFE 10-50 in our tests (notebook 03, the run report), so it is opt-in until that is understood
+        opts.setdefault("predict", "eps")
         if opts["predict"] not in PREDICTS:
             raise ValueError(f"gddim predict must be one of {PREDICTS}, got {opts['predict']!r}")
         if opts["predict"] == "denoiser" and opts["lam"] > 0:
@@ -153,7 +154,7 @@ def make_plan(sde: Family, method: str, nfe: int | None = None, K: str = "R", t_
     t_end = sde.t_min if t_end is None else float(t_end)
     if not (0 < t_end < t_start <= sde.T):
         raise ValueError(f"need 0 < t_end < t_start <= T={sde.T}, got t_end={t_end}, t_start={t_start}")
-    if method == "gddim" and options.get("lam", 0.0) == 0 and options.get("predict", "denoiser") == "denoiser" \
+    if method == "gddim" and options.get("lam", 0.0) == 0 and options.get("predict") == "denoiser" \
             and isinstance(nfe, (int, np.integer)) and nfe >= 1:
         # options left unset take the best measured configuration for the family and NFE (defaults.py)
         from diffusion_jax.samplers.defaults import gddim_defaults
