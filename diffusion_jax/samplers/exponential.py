@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_jax.param import SquareRoot
+from diffusion_jax.samplers.gddim import _lagrange, _lagrange_deriv
 
 Array = Any
 _GL_NODES = 32
@@ -47,25 +48,6 @@ MAX_WEIGHT = 1e3
 INTERP_VARIABLES = ("t", "logt", "lambda")
 
 
-def _lagrange(nodes: np.ndarray, j: int, x: np.ndarray) -> np.ndarray:
-    out = np.ones_like(x)
-    for m, tm in enumerate(nodes):
-        if m != j:
-            out = out * (x - tm) / (nodes[j] - tm)
-    return out
-
-
-def _lagrange_deriv(nodes: np.ndarray, j: int, x: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(x)
-    for m, tm in enumerate(nodes):
-        if m == j:
-            continue
-        term = np.ones_like(x) / (nodes[j] - tm)
-        for p, tp in enumerate(nodes):
-            if p not in (j, m):
-                term = term * (x - tp) / (nodes[j] - tp)
-        out = out + term
-    return out
 
 
 def _variable(sde, kind: str):
@@ -198,7 +180,8 @@ def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corr
     rs = [sqrt.np(t) for t in ts]
     ms = [sde.transition_np(t=t, s=0.0)[..., :, 0] for t in ts]
     kshape = ms[0].shape
-    n_hist = max(order + 1, corrector + 2, 1)
+    # history: D_i .. D_{i-order}, and with a corrector also the previous step's order + 1 slots after slot 0
+    n_hist = max(order + 1 + (corrector >= 0), corrector + 2, 1)
     b = np.stack([rs[i + 1] @ _r_inv_k(sqrt, K, ts[i]) for i in range(n)])
     v = np.zeros((n, n_hist) + kshape)
     g = np.zeros((n, n_hist) + kshape)
