@@ -69,11 +69,14 @@ where sigma_t = 1.6e-3 and the basis change adds a few roundings of |u| to resid
 (Dirac components: 2-3x the error that rounding u to float32 alone causes), or where the responsibilities
 of two components are balanced and their logits are sums of d squares.
 
-Every function takes ONE state u of shape (d, k) (phase-space axis last, as in :mod:`diffusion_jax.sdes`;
-for a modal family the pixel-space state of shape (*data_shape, k) flattened, d = prod(data_shape))
-and a scalar t; batch with ``jax.vmap(lambda u, t: mixture_score(sde, mix, u, t))(us, ts)``, and jit
+Calling convention (the library's): every function takes a batch of states u of shape (batch, *data, k)
+(phase-space axis last, as in :mod:`diffusion_jax.sdes`) and per-example times t of shape (batch,) (a scalar
+is broadcast), and returns per-example results: scores / eps (batch, *data, k), denoisers (batch, *data),
+log densities (batch,). The data dimensions are flattened to d = prod(data) for the mixture (means (M, d));
+a modal family needs data = its data shape. Internally each example is one (d, k) problem, vmapped. jit
 with the SDE static (``jax.jit(mixture_score, static_argnums=0)``; ``GaussianMixture`` is a NamedTuple,
-hence a pytree that can be traced).
+hence a pytree that can be traced). ``K`` means what it means everywhere in the library: the square root
+"R" (gDDIM) or "L" (Cholesky), or a :class:`~diffusion_jax.param.roots.SquareRoot`-like callable t -> K_t.
 """
 from __future__ import annotations
 
@@ -193,23 +196,15 @@ def _moments(sde, u: Array, t: Array) -> tuple[Array, Array, Array, Array]:
     G = 1 for a pixel-shared family; for a modal family G = d and row j is the law of mode j (the family's
     per-mode arrays broadcast to the data shape, channels included, and flattened like u).
     """
-    dtype = jnp.result_type(u.dtype, float)
+    dtype = jnp.result_type(u.dtype, float)          # shapes were checked by _flat: u (d, k), t scalar
     t = jnp.asarray(t, dtype)
-    if t.ndim != 0:
-        raise ValueError(f"t must be a scalar (vmap over a batch), got shape {t.shape}")
     k = sde.order
-    if u.ndim != 2 or u.shape[-1] != k:
-        raise ValueError(f"{sde.name}: u must have shape (d, k={k}) (one state; vmap over a batch), "
-                         f"got {u.shape}")
     m = sde.mean_coefficient(t).astype(dtype)            # (k,) or (*modes, k)
     chol = sde.cholesky(t).astype(dtype)                  # (k, k) or (*modes-or-ones, k, k)
     if sde.mode_ndim == 0:
         return u.astype(dtype), t, m[None], chol[None]
     shape = tuple(sde.data_shape)
     d = int(np.prod(shape, dtype=np.int64))
-    if u.shape[0] != d:
-        raise ValueError(f"{sde.name}: u has {u.shape[0]} data dimensions, the family's data shape {shape} "
-                         f"has {d} (pass the state flattened to (d, k))")
     m = jnp.broadcast_to(m, shape + (k,)).reshape(d, k)
     chol = jnp.broadcast_to(chol, shape + (k, k)).reshape(d, k, k)
     return _modes(sde, u.astype(dtype)), t, m, chol
@@ -238,8 +233,6 @@ def _mixture_parts(sde, mix: GaussianMixture, u: Array, t: Array) -> _Parts:
     means = jnp.asarray(mix.means, dtype)
     var = jnp.asarray(mix.variances, dtype)
     n_comp, d = means.shape
-    if w.shape[0] != d:
-        raise ValueError(f"u has {w.shape[0]} data dimensions, the mixture has {d}")
     n_grp, k = m.shape
     cols = d // n_grp
     means = _modes(sde, means[..., None])[..., 0]                               # V^T mu_i
@@ -269,26 +262,15 @@ def _mixture_parts(sde, mix: GaussianMixture, u: Array, t: Array) -> _Parts:
 
 
 # ----------------------------------------------------------------------------------------- mixture
-def mixture_log_density(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
-    r"""log p_t(u) = logsumexp_i [log w_i + sum_j log N(w_j; m_j mu_ij, C_ij)] for one state u (d, k).
-
-    (w = V^T u and mu_i in mode coordinates for a modal family; m_j, C_ij the same for every j otherwise.)
-    """
+def _log_density_one(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
+    """One state u (d, k), scalar t: see :func:`mixture_log_density`."""
     p = _mixture_parts(sde, mix, u, t)
     mx = jnp.max(p.logit)
     return mx + jnp.log(jnp.sum(jnp.exp(jnp.minimum(p.logit - mx, 0.0)))) + p.shift
 
 
-def mixture_score(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
-    r"""Exact score grad_u log p_t(u), shape (d, k), for one state u of shape (d, k) (vmap over a batch).
-
-        score_j = sum_i r_i(u) (-C_i^{-1} (u_j - m_t mu_ij)),   C_i = v_i m_t m_t^T + Sigma_t = F_i F_i^T,
-
-    with r_i = softmax(logit_i) and -C_i^{-1} r = -F_i^{-T} (F_i^{-1} r) by two triangular solves. For a modal
-    family the same per mode in w = V^T u (C_ij, F_ij per mode j), and score = V score_w.
-    For Dirac components (v_i = 0) and k >= 2 at small t the score is of size ~ Sigma_t^{-1/2} and only as
-    accurate as the float32 state u resolves (see the module docstring).
-    """
+def _score_one(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
+    """One state u (d, k), scalar t: see :func:`mixture_score`."""
     p = _mixture_parts(sde, mix, u, t)
     resp = _softmax(p.logit)                                                     # (M,)
     per = solve_triangular(p.fac, p.white, lower=True, trans="T")               # (M, G, k, c) = C_i^{-1} r
@@ -296,13 +278,8 @@ def mixture_score(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
     return _pixels(sde, -_ungroup(jnp.einsum("i,igkc->gkc", resp, per)))
 
 
-def mixture_denoiser(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
-    r"""Exact denoiser E[x_0 | u_t = u], shape (d,), for one state u of shape (d, k).
-
-    Component i's posterior mean is mu_ij + v_i m_t^T C_i^{-1} (u_j - m_t mu_ij)
-    = mu_ij + v_i (F_i^{-1} m_t) . (F_i^{-1} (u_j - m_t mu_ij)); these are mixed with the responsibilities.
-    For a modal family the same holds per mode in mode coordinates and the result is mapped back with V.
-    """
+def _denoiser_one(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
+    """One state u (d, k), scalar t: see :func:`mixture_denoiser`."""
     p = _mixture_parts(sde, mix, u, t)
     dtype = p.white.dtype
     resp = _softmax(p.logit)
@@ -333,18 +310,8 @@ def _square_root_per_group(sde, K: Array, chol: Array) -> Array:
     return jnp.broadcast_to(kmat, full).reshape(chol.shape)
 
 
-def mixture_eps(sde, mix: GaussianMixture, u: Array, t: Array, K: Array | None = None) -> Array:
-    r"""Exact noise prediction eps = -K^T score, shape (d, k), for a square root K of Sigma_t (K K^T = Sigma_t).
-
-    ``K=None`` uses the core's Cholesky factor L_t (CLD-SGM); pass R_t for gDDIM: (k, k) for a pixel-shared
-    family, per mode (anything broadcasting to (*data_shape, k, k), e.g. ``SquareRoot(sde)(t)``) for a modal
-    one, where eps = V (K_j^T (-score_w)_j). Computed as
-    eps_j = sum_i r_i (F_i^{-1} K)^T F_i^{-1} (u_j - m_t mu_ij), never forming the (huge, at small t) score:
-    F_i^{-1} K is orthogonal for v_i = 0 (the identity when K = L_t) and well conditioned for v_i > 0.
-    The score is recovered as -K^{-T} eps; at small t that solve amplifies eps's float32 rounding by
-    cond(K) (~1e7 for TOLD / CD-HOLD n=4 at t = 1e-3), which is why eps, not the score, is the stable
-    float32 target there.
-    """
+def _eps_one(sde, mix: GaussianMixture, u: Array, t: Array, K: Array | None = None) -> Array:
+    """One state u (d, k), scalar t: see :func:`mixture_eps`."""
     p = _mixture_parts(sde, mix, u, t)
     kmat = p.chol if K is None else _square_root_per_group(sde, K, p.chol)
     resp = _softmax(p.logit)
@@ -354,18 +321,8 @@ def mixture_eps(sde, mix: GaussianMixture, u: Array, t: Array, K: Array | None =
 
 
 # ----------------------------------------------------------------------------------------- empirical
-def gls_estimate(sde, u: Array, t: Array) -> tuple[Array, Array]:
-    r"""(xhat, sigma_eff^2): the generalised-least-squares estimate of x_0 from u and its variance.
-
-    Per data dimension, with a = L_t^{-1} m_t and the whitened state L_t^{-1} u_j:
-    xhat_j = a . L_t^{-1} u_j / |a|^2 = m^T Sigma^{-1} u_j / (m^T Sigma^{-1} m), sigma_eff^2 = 1 / |a|^2.
-    log N(u_j; m_t y, Sigma_t) = -(xhat_j - y)^2 / (2 sigma_eff^2) + (terms free of y): for every linear family
-    the likelihood of a data point is the VE Gaussian kernel of bandwidth sigma_eff around xhat.
-
-    Shapes: xhat (d,); sigma_eff^2 a scalar for a pixel-shared family. For a modal family both are per mode:
-    xhat estimates V^T x_0 (mode coordinates, flattened like u) and sigma_eff^2 has shape (d,), so the kernel
-    is anisotropic, -sum_j (xhat_j - (V^T y)_j)^2 / (2 sigma_eff,j^2).
-    """
+def _gls_one(sde, u: Array, t: Array) -> tuple[Array, Array]:
+    """One state u (d, k), scalar t: see :func:`gls_estimate`."""
     w, t, m, chol = _moments(sde, u, t)
     n_grp = m.shape[0]
     a = solve_triangular(chol, m[..., None], lower=True)[..., 0]                 # (G, k)
@@ -384,32 +341,14 @@ def _data_modes(sde, y: Array) -> Array:
     return _modes(sde, y[..., None])[..., 0]
 
 
-def empirical_denoiser(sde, data: Array, u: Array, t: Array, chunk: int = 1024) -> Array:
-    r"""Optimal denoiser of a finite data set {y_n} (N, d) for one state u (d, k): shape (d,).
-
-        D(u, t) = sum_n softmax_n(log N(u; m_t y_n, I_d (x) Sigma_t)) y_n.
-
-    The log-likelihood is sum_j |L_t^{-1}(u_j - m_t y_nj)|^2 / -2 + const; writing the whitened residual as
-    L^{-1}u_j - a y_nj (a = L_t^{-1} m_t) and splitting off its component along a, this equals
-    -|xhat - y_n|^2 / (2 sigma_eff^2) plus terms free of n (see :func:`gls_estimate`), which is what is
-    evaluated: one mean-shift step of bandwidth sigma_eff, with no cancellation between the large whitened
-    vectors and k times less work. For a modal family the distance is taken in mode coordinates with a
-    bandwidth per mode, -sum_j (xhat_j - (V^T y_n)_j)^2 / (2 sigma_eff,j^2), written as
-    -sum_j rho_j (xhat_j - (V^T y_n)_j)^2 / (2 sigma_min^2) with rho_j = sigma_min^2 / sigma_eff,j^2 <= 1
-    (rho = 1 exactly for a pixel-shared family); the weighted mean of the y_n is formed in pixel space. The
-    data are streamed in chunks of ``chunk`` rows (a ``lax.scan`` with an online logsumexp, then the ragged
-    remainder), so memory is O(chunk * d) beyond ``data`` itself.
-
-    A force-field family (:mod:`diffusion_jax.fields.family`, a VE core with a non-Gaussian kernel) gets the
-    posterior mean under its kernel at sigma(t) = sqrt(B(t)) instead; the score built from it
-    (:func:`empirical_score`) is then the VE-equivalent one whose probability-flow ODE is the field's ODE.
-    """
+def _empirical_denoiser_one(sde, data: Array, u: Array, t: Array, chunk: int = 1024) -> Array:
+    """One state u (d, k), scalar t: see :func:`empirical_denoiser`."""
     # --- force-field families: the posterior mean under the family's kernel ---
     kernel = getattr(sde, "kernel", None)
     if kernel is not None:
         return kernel.empirical_denoiser(data, u[None, :, 0], jnp.sqrt(sde.B(t)), chunk)[0]
     # --- end force-field dispatch ---
-    xhat, s2 = gls_estimate(sde, u, t)
+    xhat, s2 = _gls_one(sde, u, t)
     dtype = xhat.dtype
     n_data, d = data.shape
     if d != xhat.shape[0]:
@@ -449,30 +388,168 @@ def empirical_denoiser(sde, data: Array, u: Array, t: Array, chunk: int = 1024) 
     return acc / tot
 
 
-def empirical_score(sde, data: Array, u: Array, t: Array, chunk: int = 1024) -> Array:
-    r"""Exact score of the empirical data distribution, shape (d, k), for one state u (d, k).
-
-    score_j = sum_n r_n (-Sigma_t^{-1} (u_j - m_t y_nj)) = -Sigma_t^{-1} (u_j - m_t D(u)_j) (Sigma_t, m_t shared),
-    evaluated as -L_t^{-T} L_t^{-1} (u_j - m_t D_j); for a modal family per mode in mode coordinates
-    (w_j - m_j (V^T D)_j), mapped back with V. For k >= 2 at small t it is as ill conditioned as the
-    Dirac case is (module docstring).
-    """
-    den = empirical_denoiser(sde, data, u, t, chunk)
+def _empirical_score_one(sde, data: Array, u: Array, t: Array, chunk: int = 1024) -> Array:
+    """One state u (d, k), scalar t: see :func:`empirical_score`."""
+    den = _empirical_denoiser_one(sde, data, u, t, chunk)
     w, t, m, chol = _moments(sde, u, t)
     n_grp = m.shape[0]
     den_w = _group(_modes(sde, den[:, None]), n_grp)                              # (G, 1, c)
     r = solve_triangular(chol, _group(w, n_grp) - m[..., None] * den_w, lower=True)
     return _pixels(sde, -_ungroup(solve_triangular(chol, r, lower=True, trans="T")))
 
-def exact_eps_fn(sde, mix: GaussianMixture) -> Callable[[Array, Array], Array]:
-    """fn(u, t) -> eps w.r.t. R_t of the exact mixture score (u: (batch, *data, k), t: (batch,)).
+# ----------------------------------------------------------------------------------------- batched API
+def _flat(sde, u: Array, t: Array, d: int | None = None) -> tuple[Array, Array, tuple[int, ...]]:
+    """(u as (batch, d, k), t as (batch,), data shape) from the library's (batch, *data, k) convention."""
+    u = jnp.asarray(u)
+    k = sde.order
+    if u.ndim < 2 or u.shape[-1] != k:
+        raise ValueError(f"{sde.name}: u must have shape (batch, *data, k={k}), got {u.shape}")
+    data = tuple(u.shape[1:-1])
+    size = int(np.prod(data, dtype=np.int64))
+    if sde.mode_ndim and data != tuple(sde.data_shape):
+        raise ValueError(f"{sde.name}: u must have shape (batch, *{tuple(sde.data_shape)}, {k}) (the family's data "
+                         f"shape), got {u.shape}")
+    if d is not None and size != d:
+        raise ValueError(f"u has {size} data dimensions (shape {u.shape} = (batch, *data, k)), the data have {d}")
+    t = jnp.asarray(t, jnp.result_type(u.dtype, float))
+    if t.ndim == 0:
+        t = jnp.broadcast_to(t, u.shape[:1])
+    if t.shape != u.shape[:1]:
+        raise ValueError(f"t must be a scalar or have shape (batch,) = {u.shape[:1]}, got {t.shape}")
+    return u.reshape(u.shape[0], size, k), t, data
+
+
+def _flat_data(data: Array) -> Array:
+    data = jnp.asarray(data)
+    if data.ndim < 2:
+        raise ValueError(f"data must have shape (n, *data), got {data.shape}")
+    return data.reshape(data.shape[0], -1)
+
+
+def _square_root_fn(sde, K: Any) -> Callable[[Array], Array]:
+    if callable(K):
+        return K
+    from diffusion_jax.param.roots import SQUARE_ROOTS, square_root   # param imports the core: keep exact light
+    if K not in SQUARE_ROOTS:
+        raise ValueError(f"K must be one of {SQUARE_ROOTS} or a callable t -> K_t, got {K!r}")
+    return square_root(sde, K)
+
+
+def mixture_log_density(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
+    r"""log p_t(u) = logsumexp_i [log w_i + sum_j log N(w_j; m_j mu_ij, C_ij)], shape (batch,).
+
+    (w = V^T u and mu_i in mode coordinates for a modal family; m_j, C_ij the same for every j otherwise.)
+    """
+    uf, tb, _ = _flat(sde, u, t, mix.dim)
+    return jax.vmap(lambda a, b: _log_density_one(sde, mix, a, b))(uf, tb)
+
+
+def mixture_score(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
+    r"""Exact score grad_u log p_t(u), shape (batch, *data, k) like u.
+
+        score_j = sum_i r_i(u) (-C_i^{-1} (u_j - m_t mu_ij)),   C_i = v_i m_t m_t^T + Sigma_t = F_i F_i^T,
+
+    with r_i = softmax(logit_i) and -C_i^{-1} r = -F_i^{-T} (F_i^{-1} r) by two triangular solves. For a modal
+    family the same per mode in w = V^T u (C_ij, F_ij per mode j), and score = V score_w.
+    For Dirac components (v_i = 0) and k >= 2 at small t the score is of size ~ Sigma_t^{-1/2} and only as
+    accurate as the float32 state u resolves (see the module docstring).
+    """
+    uf, tb, _ = _flat(sde, u, t, mix.dim)
+    return jax.vmap(lambda a, b: _score_one(sde, mix, a, b))(uf, tb).reshape(jnp.shape(u))
+
+
+def mixture_denoiser(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
+    r"""Exact denoiser E[x_0 | u_t = u], shape (batch, *data).
+
+    Component i's posterior mean is mu_ij + v_i m_t^T C_i^{-1} (u_j - m_t mu_ij)
+    = mu_ij + v_i (F_i^{-1} m_t) . (F_i^{-1} (u_j - m_t mu_ij)); these are mixed with the responsibilities.
+    For a modal family the same holds per mode in mode coordinates and the result is mapped back with V.
+    """
+    uf, tb, _ = _flat(sde, u, t, mix.dim)
+    return jax.vmap(lambda a, b: _denoiser_one(sde, mix, a, b))(uf, tb).reshape(jnp.shape(u)[:-1])
+
+
+def mixture_eps(sde, mix: GaussianMixture, u: Array, t: Array, K: Any = "R") -> Array:
+    r"""Exact noise prediction eps = -K^T score, shape (batch, *data, k), for a square root K of Sigma_t (K K^T = Sigma_t).
+
+    ``K``: "R" (gDDIM, the library's default), "L" (the core's Cholesky factor, CLD-SGM) or a callable
+    t -> K_t (scalar t; (k, k), or per mode anything broadcasting to (*data_shape, k, k) for a modal family,
+    where eps = V (K_j^T (-score_w)_j)). Computed as
+    eps_j = sum_i r_i (F_i^{-1} K)^T F_i^{-1} (u_j - m_t mu_ij), never forming the (huge, at small t) score:
+    F_i^{-1} K is orthogonal for v_i = 0 (the identity when K = L_t) and well conditioned for v_i > 0.
+    The score is recovered as -K^{-T} eps; at small t that solve amplifies eps's float32 rounding by
+    cond(K) (~1e7 for TOLD / CD-HOLD n=4 at t = 1e-3), which is why eps, not the score, is the stable
+    float32 target there.
+    """
+    uf, tb, _ = _flat(sde, u, t, mix.dim)
+    if isinstance(K, str) and K == "L":      # the factor _mixture_parts already has, bit for bit
+        return jax.vmap(lambda a, b: _eps_one(sde, mix, a, b))(uf, tb).reshape(jnp.shape(u))
+    root = _square_root_fn(sde, K)
+    return jax.vmap(lambda a, b: _eps_one(sde, mix, a, b, root(b)))(uf, tb).reshape(jnp.shape(u))
+
+
+def gls_estimate(sde, u: Array, t: Array) -> tuple[Array, Array]:
+    r"""(xhat, sigma_eff^2): the generalised-least-squares estimate of x_0 from u and its variance.
+
+    Per data dimension, with a = L_t^{-1} m_t and the whitened state L_t^{-1} u_j:
+    xhat_j = a . L_t^{-1} u_j / |a|^2 = m^T Sigma^{-1} u_j / (m^T Sigma^{-1} m), sigma_eff^2 = 1 / |a|^2.
+    log N(u_j; m_t y, Sigma_t) = -(xhat_j - y)^2 / (2 sigma_eff^2) + (terms free of y): for every linear family
+    the likelihood of a data point is the VE Gaussian kernel of bandwidth sigma_eff around xhat.
+
+    Shapes: xhat (batch, *data); sigma_eff^2 (batch,) for a pixel-shared family. For a modal family both are per mode:
+    xhat estimates V^T x_0 (mode coordinates, flattened like u) and sigma_eff^2 has shape (batch, *data), so the kernel
+    is anisotropic, -sum_j (xhat_j - (V^T y)_j)^2 / (2 sigma_eff,j^2).
+    """
+    uf, tb, data = _flat(sde, u, t)
+    xhat, s2 = jax.vmap(lambda a, b: _gls_one(sde, a, b))(uf, tb)
+    batch = (uf.shape[0],)
+    return xhat.reshape(batch + data), (s2.reshape(batch + data) if sde.mode_ndim else s2)
+
+
+def empirical_denoiser(sde, data: Array, u: Array, t: Array, chunk: int = 1024) -> Array:
+    r"""Optimal denoiser of a finite data set {y_n} (N, *data) (or (N, d) flat), shape (batch, *data).
+
+        D(u, t) = sum_n softmax_n(log N(u; m_t y_n, I_d (x) Sigma_t)) y_n.
+
+    The log-likelihood is sum_j |L_t^{-1}(u_j - m_t y_nj)|^2 / -2 + const; writing the whitened residual as
+    L^{-1}u_j - a y_nj (a = L_t^{-1} m_t) and splitting off its component along a, this equals
+    -|xhat - y_n|^2 / (2 sigma_eff^2) plus terms free of n (see :func:`gls_estimate`), which is what is
+    evaluated: one mean-shift step of bandwidth sigma_eff, with no cancellation between the large whitened
+    vectors and k times less work. For a modal family the distance is taken in mode coordinates with a
+    bandwidth per mode, -sum_j (xhat_j - (V^T y_n)_j)^2 / (2 sigma_eff,j^2), written as
+    -sum_j rho_j (xhat_j - (V^T y_n)_j)^2 / (2 sigma_min^2) with rho_j = sigma_min^2 / sigma_eff,j^2 <= 1
+    (rho = 1 exactly for a pixel-shared family); the weighted mean of the y_n is formed in pixel space. The
+    data are streamed in chunks of ``chunk`` rows (a ``lax.scan`` with an online logsumexp, then the ragged
+    remainder), so memory is O(chunk * d) beyond ``data`` itself.
+
+    A force-field family (:mod:`diffusion_jax.fields.family`, a VE core with a non-Gaussian kernel) gets the
+    posterior mean under its kernel at sigma(t) = sqrt(B(t)) instead; the score built from it
+    (:func:`empirical_score`) is then the VE-equivalent one whose probability-flow ODE is the field's ODE.
+    """
+    flat = _flat_data(data)
+    uf, tb, _ = _flat(sde, u, t, flat.shape[1])
+    out = jax.vmap(lambda a, b: _empirical_denoiser_one(sde, flat, a, b, chunk))(uf, tb)
+    return out.reshape(jnp.shape(u)[:-1])
+
+
+def empirical_score(sde, data: Array, u: Array, t: Array, chunk: int = 1024) -> Array:
+    r"""Exact score of the empirical data distribution, shape (batch, *data, k) like u.
+
+    score_j = sum_n r_n (-Sigma_t^{-1} (u_j - m_t y_nj)) = -Sigma_t^{-1} (u_j - m_t D(u)_j) (Sigma_t, m_t shared),
+    evaluated as -L_t^{-T} L_t^{-1} (u_j - m_t D_j); for a modal family per mode in mode coordinates
+    (w_j - m_j (V^T D)_j), mapped back with V. For k >= 2 at small t it is as ill conditioned as the
+    Dirac case is (module docstring).
+    """
+    flat = _flat_data(data)
+    uf, tb, _ = _flat(sde, u, t, flat.shape[1])
+    return jax.vmap(lambda a, b: _empirical_score_one(sde, flat, a, b, chunk))(uf, tb).reshape(jnp.shape(u))
+
+
+def exact_eps_fn(sde, mix: GaussianMixture, K: Any = "R") -> Callable[[Array, Array], Array]:
+    """fn(u, t) -> eps w.r.t. K (default R_t) of the exact mixture score (u: (batch, *data, k), t: (batch,)).
 
     The network-free model of the exact-score benchmarks: every sampler run on it is an ODE/SDE solve
     with the true score, so its error against a reference solve is the sampler's own error.
     """
-    from diffusion_jax.param.roots import square_root   # param imports the core too: keep exact light
-    sqrt = square_root(sde, "R")
-
-    def fn(u, t):
-        return jax.vmap(lambda uu, tt: mixture_eps(sde, mix, uu, tt, sqrt(tt)))(u, t)
-    return fn
+    root = K if isinstance(K, str) and K == "L" else _square_root_fn(sde, K)   # build R's table once, here
+    return lambda u, t: mixture_eps(sde, mix, u, t, root)

@@ -35,15 +35,24 @@ def family(name, params):
 
 # ------------------------------------------------------------------ batched, jitted float32 functions
 # One compiled function per family and shape (compiling the SDE core dominates the run time).
+def as_states(sde, us):
+    """Flat states (n, d, k) -> the library's (batch, *data, k): a modal family needs its data shape."""
+    us = jnp.asarray(us)
+    return us.reshape(us.shape[:1] + tuple(sde.data_shape) + us.shape[-1:]) if sde.mode_ndim else us
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def j_mixture(sde, mix, us, t, kmat):
-    """Every mixture quantity for a batch of states (n, d, k) at one time t; kmat: a root of Sigma_t."""
-    def one(u):
-        logp, grad = jax.value_and_grad(lambda v: exact.mixture_log_density(sde, mix, v, t))(u)
-        return dict(score=exact.mixture_score(sde, mix, u, t), den=exact.mixture_denoiser(sde, mix, u, t),
-                    logp=logp, grad=grad, eps_l=exact.mixture_eps(sde, mix, u, t),
-                    eps_k=exact.mixture_eps(sde, mix, u, t, kmat))
-    return jax.vmap(one)(us)
+    """Every mixture quantity for a batch of flat states (n, d, k) at one time t; kmat: a root of Sigma_t."""
+    u = as_states(sde, us)
+    logp = exact.mixture_log_density(sde, mix, u, t)
+    # the examples are independent, so the gradient of the sum is the per-example gradient
+    grad = jax.grad(lambda v: jnp.sum(exact.mixture_log_density(sde, mix, v, t)))(u)
+    return dict(score=exact.mixture_score(sde, mix, u, t).reshape(us.shape),
+                den=exact.mixture_denoiser(sde, mix, u, t).reshape(us.shape[:-1]),
+                logp=logp, grad=grad.reshape(us.shape),
+                eps_l=exact.mixture_eps(sde, mix, u, t, "L").reshape(us.shape),
+                eps_k=exact.mixture_eps(sde, mix, u, t, lambda _: kmat).reshape(us.shape))
 
 
 def mixture_outputs(sde, mix, us, t, kmat=None):
@@ -54,13 +63,14 @@ def mixture_outputs(sde, mix, us, t, kmat=None):
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def j_empirical(sde, data, us, t, chunk):
-    """(empirical denoiser, empirical score, Dirac-mixture denoiser, Dirac-mixture score) for a batch."""
+    """(empirical denoiser, empirical score, Dirac-mixture denoiser, Dirac-mixture score) for flat states."""
     n = data.shape[0]
     dirac = exact.GaussianMixture(data, jnp.zeros((n,), data.dtype), jnp.full((n,), 1.0 / n, data.dtype))
-    return jax.vmap(lambda u: (exact.empirical_denoiser(sde, data, u, t, chunk),
-                               exact.empirical_score(sde, data, u, t, chunk),
-                               exact.mixture_denoiser(sde, dirac, u, t),
-                               exact.mixture_score(sde, dirac, u, t)))(us)
+    u = as_states(sde, us)
+    return (exact.empirical_denoiser(sde, data, u, t, chunk).reshape(us.shape[:-1]),
+            exact.empirical_score(sde, data, u, t, chunk).reshape(us.shape),
+            exact.mixture_denoiser(sde, dirac, u, t).reshape(us.shape[:-1]),
+            exact.mixture_score(sde, dirac, u, t).reshape(us.shape))
 
 
 def empirical_outputs(sde, data, us, t, chunk=64):
@@ -218,14 +228,16 @@ def test_mixture_validation(kwargs, match):
 def test_bad_state_shapes():
     sde = family("cld", {})
     mix = make_mixture("gauss")
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"\(batch, \*data, k=2\)"):
         exact.mixture_score(sde, mix, jnp.zeros((3,)), 0.1)
-    with pytest.raises(ValueError, match="data dimensions"):
-        exact.mixture_score(sde, mix, jnp.zeros((2, 2)), 0.1)
-    with pytest.raises(ValueError, match="scalar"):
-        exact.mixture_denoiser(sde, mix, jnp.zeros((3, 2)), jnp.ones(2))
+    with pytest.raises(ValueError, match="data dimensions"):     # one (d, k) state without its batch axis
+        exact.mixture_score(sde, mix, jnp.zeros((3, 2)), 0.1)
+    with pytest.raises(ValueError, match=r"scalar or have shape \(batch,\)"):
+        exact.mixture_denoiser(sde, mix, jnp.zeros((4, 3, 2)), jnp.ones(2))
     with pytest.raises(ValueError, match="dimensions"):
-        exact.empirical_denoiser(sde, jnp.zeros((10, 4)), jnp.zeros((3, 2)), 0.1)
+        exact.empirical_denoiser(sde, jnp.zeros((10, 4)), jnp.zeros((1, 3, 2)), 0.1)
+    with pytest.raises(ValueError, match="K must be one of"):
+        exact.mixture_eps(sde, mix, jnp.zeros((1, 3, 2)), 0.1, "cholesky")
 
 
 # ------------------------------------------------------------------ the references themselves
@@ -383,7 +395,7 @@ def test_finite_at_t_min(name, params):
             dist = np.abs(out["den"][:4, None, :] - np.asarray(mix.means)[None]).max(-1).min(-1)
             assert np.all(dist < 1e-6), dist
             if name == "cdhold":
-                emp = np.asarray(jax.jit(jax.vmap(lambda u: exact.empirical_denoiser(sde, mix.means, u, t, 3)))(
+                emp = np.asarray(jax.jit(lambda u: exact.empirical_denoiser(sde, mix.means, u, t, 3))(
                     jnp.asarray(us)))
                 assert np.all(np.isfinite(emp))
                 np.testing.assert_array_equal(emp[:4], out["den"][:4])
@@ -428,15 +440,14 @@ def test_empirical_chunking_and_vmap_over_time():
     data = rng.normal(size=(300, 5)).astype(np.float32)
     t = 0.3
     us = data_states(sde, data.astype(np.float64), t)
-    den = jax.jit(jax.vmap(lambda u, c: exact.empirical_denoiser(sde, jnp.asarray(data), u, t, c),
-                           in_axes=(0, None)), static_argnums=1)
+    den = jax.jit(lambda u, c: exact.empirical_denoiser(sde, jnp.asarray(data), u, t, c), static_argnums=1)
     base = np.asarray(den(jnp.asarray(us), 64))
     for chunk in [7, 1024]:                              # 1024 > N: one chunk
         np.testing.assert_allclose(np.asarray(den(jnp.asarray(us), chunk)), base, atol=2e-6, rtol=0,
                                    err_msg=f"chunk={chunk}")
     ts = jnp.asarray([0.05, 0.1, 0.3, 0.5, 0.8, 1.0])
-    batched = jax.jit(jax.vmap(lambda u, tt: exact.empirical_denoiser(sde, jnp.asarray(data), u, tt, 64)))(
-        jnp.asarray(us), ts)
+    batched = jax.jit(lambda u, tt: exact.empirical_denoiser(sde, jnp.asarray(data), u, tt, 64))(
+        jnp.asarray(us), ts)                             # per-example times
     for j in range(len(ts)):
         ref = ref_empirical(sde, data.astype(np.float64), us[j].astype(np.float64), float(ts[j]))
         np.testing.assert_allclose(np.asarray(batched[j]), ref, atol=1e-5, rtol=0)
@@ -449,7 +460,7 @@ def test_gls_estimate_is_the_sufficient_statistic():
     rng = np.random.default_rng(9)
     m, sig = moments64(sde, t)
     u = (np.outer(rng.normal(size=3), m) + rng.normal(size=(3, 3)) @ sde.cholesky_np(t).T).astype(np.float32)
-    xhat, s2 = (np.asarray(a, np.float64) for a in exact.gls_estimate(sde, jnp.asarray(u), t))
+    xhat, s2 = (np.asarray(a[0], np.float64) for a in exact.gls_estimate(sde, jnp.asarray(u)[None], t))
     u = u.astype(np.float64)
     prec = np.linalg.inv(sig)
     xh = (u @ prec @ m) / (m @ prec @ m)
@@ -475,7 +486,7 @@ def test_empirical_denoiser_image_sized_data():
     chol = sde.cholesky_np(t)
     x0 = np.stack([data[3], 0.5 * (data[5] + data[6])]).astype(np.float64)
     us = (x0[:, :, None] * m + rng.normal(size=(2, d, 2)) @ chol.T).astype(np.float32)
-    got = np.asarray(jax.jit(jax.vmap(lambda u: exact.empirical_denoiser(sde, jnp.asarray(data), u, t, 512)))(
+    got = np.asarray(jax.jit(lambda u: exact.empirical_denoiser(sde, jnp.asarray(data), u, t, 512))(
         jnp.asarray(us)), np.float64)
     prec = np.linalg.inv(sig)
     data64 = data.astype(np.float64)
@@ -639,9 +650,9 @@ def test_bdm_mixture_eps_checks_the_square_root_shape():
     sde = bdm_family((4, 4, 1))
     mix = make_mixture("gauss", d=16)
     with pytest.raises(ValueError, match="broadcast"):
-        exact.mixture_eps(sde, mix, jnp.zeros((16, 1)), 0.5, jnp.ones((3, 1, 1)))
-    with pytest.raises(ValueError, match="data dimensions"):
-        exact.mixture_score(sde, make_mixture("gauss", d=8), jnp.zeros((8, 1)), 0.5)
+        exact.mixture_eps(sde, mix, jnp.zeros((1, 4, 4, 1, 1)), 0.5, lambda _: jnp.ones((3, 1, 1)))
+    with pytest.raises(ValueError, match=r"the family's data shape"):
+        exact.mixture_score(sde, make_mixture("gauss", d=8), jnp.zeros((1, 8, 1)), 0.5)
 
 
 @pytest.mark.parametrize("shape", BDM_SHAPES, ids=["4x4x1", "4x4x2"])
@@ -659,8 +670,8 @@ def test_bdm_empirical_denoiser_and_score_match_float64_softmax(shape):
         x0 = np.stack([data64[3], 0.5 * (data64[5] + data64[6]), data64[9], 0.3 * data64[1]])
         us = (x0 @ mt.T + math.sqrt(s2) * rng.normal(size=x0.shape)).astype(np.float32)[..., None]
         den, score, mix_den, mix_score = empirical_outputs(sde, data, us, t, 64)   # 64 does not divide 200
-        den7 = np.asarray(jax.jit(jax.vmap(lambda u: exact.empirical_denoiser(sde, jnp.asarray(data), u, t, 7)))(
-            jnp.asarray(us)), np.float64)
+        den7 = np.asarray(jax.jit(lambda u: exact.empirical_denoiser(sde, jnp.asarray(data), as_states(sde, u),
+                                                                     t, 7))(jnp.asarray(us)), np.float64).reshape(den.shape)
         for j, u in enumerate(us[..., 0].astype(np.float64)):
             resid = u[None, :] - data64 @ mt.T
             logit = -0.5 * np.sum(resid * resid, axis=1) / s2

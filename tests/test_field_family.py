@@ -123,12 +123,12 @@ def test_exact_empirical_denoiser_dispatches_to_the_kernel():
     rng = np.random.default_rng(4)
     data = jnp.asarray(rng.normal(size=(20, 3)), jnp.float32)
     sde = sdes.make("radial_exp")
-    u = jnp.asarray(rng.normal(size=(3, 1)) * 0.8, jnp.float32)
+    u = jnp.asarray(rng.normal(size=(1, 3, 1)) * 0.8, jnp.float32)
     t = 0.2
     sigma = float(np.sqrt(np.asarray(sde.B(t))))
-    got = exact.empirical_denoiser(sde, data, u, t)
+    got = exact.empirical_denoiser(sde, data, u, t)[0]
     # float64 reference: weights propto Psi'(R/a) / R^{N-1}, a = c_3 sigma, Psi' = e^-y
-    d = np.linalg.norm(np.asarray(data, np.float64) - np.asarray(u[:, 0], np.float64), axis=1)
+    d = np.linalg.norm(np.asarray(data, np.float64) - np.asarray(u[0, :, 0], np.float64), axis=1)
     a = sde.kernel.scale(3) * sigma
     lw = -d / a - 2 * np.log(d)
     w = np.exp(lw - lw.max())

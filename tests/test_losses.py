@@ -61,8 +61,7 @@ def test_optimal_eps_attains_closed_form_minimum(name, params, objective, K, wei
 
     def optimal(shift):
         def eps_fn(u, tt):
-            kt = sqrt(tt[0])
-            return jax.vmap(lambda uu: exact.mixture_eps(sde, mix, uu, tt[0], kt))(u) + shift
+            return exact.mixture_eps(sde, mix, u, tt, sqrt) + shift
         return eps_fn
 
     expected = _closed_form(sde, K, t_val, objective, weighting)

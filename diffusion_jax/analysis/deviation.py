@@ -46,9 +46,8 @@ def empirical_denoiser_apply(sde: Family, chunk: int = 1024) -> Callable[[Array,
     """``apply(data, u, t_batch)`` -> D*(u, t) of the data set ``data`` (n, *data_shape), shape (batch, *data).
 
     The data set is an argument (like a network's parameters), so one compiled sampler serves any data set
-    of a given shape and no data is lowered as a constant. Each example calls :func:`exact.empirical_denoiser`
-    (vmapped) on its state flattened to (d, k), streaming the data in ``chunk`` rows (a modal family's basis
-    change happens inside, on the family's data shape).
+    of a given shape and no data is lowered as a constant. :func:`exact.empirical_denoiser` streams the data
+    in ``chunk`` rows (a modal family's basis change happens inside, on the family's data shape).
     """
     k = sde.order
 
@@ -56,10 +55,7 @@ def empirical_denoiser_apply(sde: Family, chunk: int = 1024) -> Callable[[Array,
         data_shape = data.shape[1:]
         if u.shape[1:] != data_shape + (k,):
             raise ValueError(f"u must have shape (batch, *{data_shape}, {k}), got {u.shape}")
-        flat = data.reshape(data.shape[0], -1)
-        uf = u.reshape(u.shape[0], -1, k)
-        out = jax.vmap(lambda uu, tt: exact.empirical_denoiser(sde, flat, uu, tt, chunk))(uf, t)
-        return out.reshape(u.shape[:-1]).astype(u.dtype)
+        return exact.empirical_denoiser(sde, data, u, t, chunk).astype(u.dtype)
 
     return apply
 

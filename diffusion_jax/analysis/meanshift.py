@@ -149,7 +149,7 @@ def _annealed(data: Array, x: Array, sigmas: Array, chunk: int) -> tuple[Array, 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _empirical_batch(sde: Family, data: Array, u: Array, t: Array, chunk: int) -> Array:
-    return jax.vmap(lambda uu: exact.empirical_denoiser(sde, data, uu, t, chunk))(u)
+    return exact.empirical_denoiser(sde, data, u, t, chunk)
 
 
 def check_scalar_law(sde: Family, ts: float | Sequence[float] = ()) -> None:
