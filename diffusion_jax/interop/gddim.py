@@ -35,6 +35,7 @@ regularisation; the difference is a data blur of std 1e-3, below 8-bit quantisat
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -72,10 +73,9 @@ class GddimRoot:
         self.r0 = np.diag([math.sqrt(NUMERICAL_EPS), math.sqrt(init_gamma / m_inv + NUMERICAL_EPS)])
         e_lo = math.floor(math.log2(sde.t_min))
         n = int(math.ceil((math.log2(sde.T) - e_lo) * per_octave - 1e-9)) + 1
-        self._tau0 = e_lo * math.log(2.0)
         self._e_lo, self._per_octave = e_lo, per_octave
         self._h = math.log(2.0) / per_octave
-        taus = self._tau0 + self._h * np.arange(n)
+        taus = e_lo * math.log(2.0) + self._h * np.arange(n)
         ts = np.exp(taus)
         sol = solve_ivp(self._rhs, (0.0, float(ts[-1])), self.r0.ravel(), method="DOP853", rtol=1e-12,
                         atol=1e-15, t_eval=ts)
@@ -184,14 +184,10 @@ class GddimPreconditioner:
         return apply_matrix(a, eps_g)
 
 
-_ROOTS: dict = {}
-
-
+@functools.lru_cache(maxsize=32)
 def gddim_root(sde: Any) -> GddimRoot:
     """Cached :class:`GddimRoot` per family (families are hashed by value)."""
-    if sde not in _ROOTS:
-        _ROOTS[sde] = GddimRoot(sde)
-    return _ROOTS[sde]
+    return GddimRoot(sde)
 
 
 # ------------------------------------------------------------------ peer names carried in config.model.peer
