@@ -250,7 +250,8 @@ def load(path: str) -> Any:
 
 
 def convert(obj: Any, net: Any, image_shape: tuple[int, int], path: str) -> tuple[dict, dict, float, int]:
-    """(params, EMA params, EMA rate, step) from a gDDIM state dict."""
+    """(params, EMA params, EMA rate, step) from a gDDIM state dict (read from ``path``, a file or folder)."""
+    path = resolve(path) if os.path.isdir(path) else path
     expected = ("step", "optimizer", "params_ema")
     if not isinstance(obj, dict) or any(k not in obj for k in expected) \
             or not isinstance(obj["optimizer"], dict) or "target" not in obj["optimizer"]:
