@@ -6,6 +6,9 @@ prediction w.r.t. gDDIM's square root K = R_t, no mixed score; Adam 2e-4, warm-u
 batch 128, ~1M steps. Sampling: gDDIM multistep (order 2 at 27 NFE in the paper).
 
 Deliberate differences: Fourier features of log t; the input is scaled per coordinate by c_in.
+The network is the released one tensor for tensor, so gDDIM's checkpoint imports with this config
+(``import-checkpoint --format gddim``); the imported run keeps gDDIM's own conventions (unscaled input,
+time feature log(999 t), eps w.r.t. gDDIM's R_t mapped to the library's K_t).
 """
 from diffusion_jax.training.configs import cifar10_ncsnpp
 

@@ -7,7 +7,8 @@ into the library's eps w.r.t. K_t), and writes ``workdir`` as training does (orb
 optimiser state, EMA; ``config.json``), so ``diffusion_jax.training.loop.load_run`` and every program built
 on it (samplers, bench-nfe, bpd, analyze) load it like a trained run.
 
-Formats: ``score_sde`` (score_sde_pytorch, VP SDE, NCSN++ / DDPM++ layouts of the NCSN++ code).
+Formats: ``score_sde`` (score_sde_pytorch, VP SDE, NCSN++ / DDPM++ layouts of the NCSN++ code), ``gddim``
+(gDDIM's released JAX/flax CLD checkpoint; :mod:`diffusion_jax.interop.gddim`).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 
 from diffusion_jax.interop.ncsnpp_weights import CheckpointMismatch
 
-FORMATS = ("score_sde",)
-PEERS = ("score_sde",)
+FORMATS = ("score_sde", "gddim")
+PEERS = ("score_sde", "gddim")
 
 
 def make_peer_preconditioner(peer: str, sde: Any, sqrt: Any) -> Any:
@@ -29,6 +30,9 @@ def make_peer_preconditioner(peer: str, sde: Any, sqrt: Any) -> Any:
     if peer == "score_sde":
         from diffusion_jax.interop.score_sde import ScoreSdeVPPreconditioner
         return ScoreSdeVPPreconditioner(sde, sqrt)
+    if peer.split("+")[0] == "gddim":             # gddim[+mixed][+positional]
+        from diffusion_jax.interop import gddim
+        return gddim.make_preconditioner(peer, sde, sqrt)
     raise ValueError(f"unknown peer parameterisation {peer!r} (config.model.peer); known: {PEERS}")
 
 
@@ -67,14 +71,15 @@ def import_checkpoint(fmt: str, path: str, config: Any, workdir: str) -> str:
         raise ValueError(f"a {fmt} checkpoint holds an NCSN++-code network: set config.model.name='ncsnpp' "
                          f"(DDPM++ layouts: fir=False, progressive_input='none', embedding_type='positional'), "
                          f"got {config.model.name!r}")
-    from diffusion_jax.interop import score_sde
-    score_sde.check_file(path)
-    config.model.peer = fmt
+    from diffusion_jax.interop import gddim, score_sde
+    peer = gddim if fmt == "gddim" else score_sde
+    peer.check_file(path)
+    config.model.peer = gddim.peer_name(config) if fmt == "gddim" else fmt
     configs.validate(config)
     shape = data_shape(config)
     exp = build_experiment(config, shape)          # checks the family for the peer before reading the file
-    obj = _load(path)
-    params, ema_params, rate, step = score_sde.convert(obj, exp.net, shape[:2], path)
+    obj = gddim.load(path) if fmt == "gddim" else _load(path)
+    params, ema_params, rate, step = peer.convert(obj, exp.net, shape[:2], path)
 
     config.ema_rates = (rate,)
     to_jnp = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)   # noqa: E731
