@@ -7,10 +7,16 @@ into the library's eps w.r.t. K_t), and writes ``workdir`` as training does (orb
 optimiser state, EMA; ``config.json``), so ``diffusion_jax.training.loop.load_run`` and every program built
 on it (samplers, bench-nfe, bpd, analyze) load it like a trained run.
 
-Formats: ``score_sde`` (score_sde_pytorch, VP SDE, NCSN++ / DDPM++ layouts of the NCSN++ code).
+Formats (one module each, with ``check_file``, ``check_config``, ``make_preconditioner`` and ``convert``):
+
+* ``score_sde`` (:mod:`.score_sde`): score_sde_pytorch, VP SDE, NCSN++ / DDPM++ layouts of the NCSN++ code.
+* ``cld_sgm`` (:mod:`.cld_sgm`): CLD-SGM (NCSN++ on [x, v], velocity score with mixed score), family ``cld``.
+* ``psld`` (:mod:`.psld`): PSLD's Lightning ``.ckpt`` (NCSN++ on [x, m], eps w.r.t. the Cholesky factor),
+  family ``psld``.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any
@@ -20,16 +26,24 @@ import jax.numpy as jnp
 
 from diffusion_jax.interop.ncsnpp_weights import CheckpointMismatch
 
-FORMATS = ("score_sde",)
-PEERS = ("score_sde",)
+FORMATS = ("score_sde", "cld_sgm", "psld")
+PEERS = FORMATS
 
 
-def make_peer_preconditioner(peer: str, sde: Any, sqrt: Any) -> Any:
-    """The preconditioner that turns a peer network's output into eps w.r.t. ``sqrt`` (K_t)."""
-    if peer == "score_sde":
-        from diffusion_jax.interop.score_sde import ScoreSdeVPPreconditioner
-        return ScoreSdeVPPreconditioner(sde, sqrt)
-    raise ValueError(f"unknown peer parameterisation {peer!r} (config.model.peer); known: {PEERS}")
+def _module(fmt: str) -> Any:
+    return importlib.import_module(f"diffusion_jax.interop.{fmt}")
+
+
+def make_peer_preconditioner(peer: str, sde: Any, sqrt: Any, model: Any = None) -> Any:
+    """The preconditioner that turns a peer network's output into eps w.r.t. ``sqrt`` (K_t); ``model`` is
+    ``config.model`` (embedding type, mixed score). It may define ``network_channels(data_shape, order)``
+    -> (input, output) channels when the peer's network is not k C -> k C."""
+    if peer not in PEERS:
+        raise ValueError(f"unknown peer parameterisation {peer!r} (config.model.peer); known: {PEERS}")
+    if model is None:
+        import ml_collections
+        model = ml_collections.ConfigDict({"kwargs": {}})
+    return _module(peer).make_preconditioner(sde, sqrt, model)
 
 
 def _load(path: str) -> Any:
@@ -67,14 +81,18 @@ def import_checkpoint(fmt: str, path: str, config: Any, workdir: str) -> str:
         raise ValueError(f"a {fmt} checkpoint holds an NCSN++-code network: set config.model.name='ncsnpp' "
                          f"(DDPM++ layouts: fir=False, progressive_input='none', embedding_type='positional'), "
                          f"got {config.model.name!r}")
-    from diffusion_jax.interop import score_sde
-    score_sde.check_file(path)
+    peer = _module(fmt)
+    peer.check_file(path)
     config.model.peer = fmt
     configs.validate(config)
+    peer.check_config(config)
     shape = data_shape(config)
     exp = build_experiment(config, shape)          # checks the family for the peer before reading the file
     obj = _load(path)
-    params, ema_params, rate, step = score_sde.convert(obj, exp.net, shape[:2], path)
+    if fmt == "psld":                              # the Lightning file does not record the EMA decay
+        params, ema_params, rate, step = peer.convert(obj, exp.net, shape[:2], path, ema_rate=config.ema_rates[0])
+    else:
+        params, ema_params, rate, step = peer.convert(obj, exp.net, shape[:2], path)
 
     config.ema_rates = (rate,)
     to_jnp = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)   # noqa: E731
