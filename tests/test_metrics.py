@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import inception_reference as ref
-from torch_format import _pk_global, write_fake_torch_checkpoint, write_state_dict_as_torch
+from torch_format import _pk_global, torch_save, write_fake_torch_checkpoint, write_state_dict_as_torch
 from diffusion_jax.evaluation import fid as fidlib
 from diffusion_jax.evaluation import inception as inc
 from diffusion_jax.evaluation import torch_pickle
@@ -338,6 +338,29 @@ def test_torch_pickle_reader_round_trip(tmp_path, fmt, root):
     np.testing.assert_array_equal(sd["h"], [0.5, -2.0])
     sd["w"][0, 0] = 99.0                                  # results are independent copies
     assert sd["w_t"][0, 0] == base[0]
+
+
+def test_torch_save_writer_round_trip(tmp_path):
+    """tests/torch_format.torch_save (what the interop tests build peer checkpoints with) writes nested
+    containers, scalars, strings and float32 / int64 / 0-d / empty tensors that the reader returns unchanged."""
+    import collections
+    sd = collections.OrderedDict([("w", np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5),
+                                  ("n", np.array(7, np.int64)), ("e", np.zeros((0, 3), np.float32))])
+    sd._metadata = collections.OrderedDict([("", {"version": 1})])
+    obj = {"model": sd, "opt": {"state": {}, "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.999), "fused": None,
+                                                                 "amsgrad": False, "params": [0, 1, 2]}]},
+           "shadow": [np.full((2, 2), 0.25, np.float32)], "step": 12, "name": "psld", "x": np.float64(0.5)}
+    path = str(tmp_path / "obj.pth")
+    torch_save(obj, path)
+    back = torch_pickle.load_torch_checkpoint(path)
+    assert list(back) == list(obj) and isinstance(back["model"], collections.OrderedDict)
+    assert list(back["model"]) == ["w", "n", "e"]
+    for k in sd:
+        assert back["model"][k].dtype == sd[k].dtype and back["model"][k].shape == sd[k].shape
+        np.testing.assert_array_equal(back["model"][k], sd[k])
+    assert back["opt"] == obj["opt"] and back["step"] == 12 and back["name"] == "psld"
+    assert type(back["x"]) is float and back["x"] == 0.5                    # numpy scalars become Python numbers
+    np.testing.assert_array_equal(back["shadow"][0], obj["shadow"][0])
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])

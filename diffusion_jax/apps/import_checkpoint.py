@@ -1,4 +1,4 @@
-"""``python -m diffusion_jax import-checkpoint --format score_sde PATH --config configs/<name>.py --workdir RUN``.
+"""``python -m diffusion_jax import-checkpoint --format {score_sde,cld_sgm,psld} PATH --config CONFIG --workdir RUN``.
 
 Reads a checkpoint published by another code (no torch needed, restricted unpickler), maps every tensor onto the
 library's network with a full shape check, and writes RUN as a trained run: ``bench-nfe``, ``bpd``, ``analyze`` and
