@@ -221,11 +221,13 @@ def test_wrong_family_is_refused_before_reading(fmt, family, match, tmp_path):
         import_checkpoint(fmt, __file__, c, str(tmp_path / "run"))   # any existing file: refused before reading
 
 
-@pytest.mark.parametrize("fmt,config_file", [("cld_sgm", "cifar10_cld_ncsnpp.py"), ("psld", "cifar10_psld_ncsnpp.py")])
-def test_published_cifar10_networks_map_onto_the_configs(fmt, config_file):
-    """The state-dict keys and shapes of the full CIFAR-10 networks (measured from the reference code: CLD-SGM
-    107,593,987 parameters, PSLD 97,627,910) map one to one onto the library's configs with the peer's channels
-    (shapes only: zero-size broadcast views stand in for the weights)."""
+@pytest.mark.parametrize("fmt,config_file,which,size", [
+    ("cld_sgm", "cifar10_cld_ncsnpp.py", "cifar10", 32), ("cld_sgm", "celebahq256_cld.py", "celebahq256", 256),
+    ("psld", "cifar10_psld_ncsnpp.py", "cifar10", 32)])
+def test_published_networks_map_onto_the_configs(fmt, config_file, which, size):
+    """The state-dict keys and shapes of the published networks (measured from the reference code: CLD-SGM
+    CIFAR-10 107,593,987 and CelebA-HQ 256 65,466,371 parameters, PSLD CIFAR-10 97,627,910) map one to one onto
+    the library's configs with the peer's channels (shapes only: broadcast views stand in for the weights)."""
     import json
 
     from diffusion_jax.interop.ncsnpp_weights import ncsnpp_from_torch
@@ -234,9 +236,43 @@ def test_published_cifar10_networks_map_onto_the_configs(fmt, config_file):
     gold = PEERS[fmt]["gold"]
     config = configs.load_config(str(Path(__file__).parents[1] / "configs" / config_file))
     config.model.peer = fmt
-    exp = build_experiment(config, (32, 32, 3))
-    sd = {k: np.broadcast_to(np.float32(0), tuple(s)) for k, s in json.loads(str(gold["spec_cifar10"]))}
+    exp = build_experiment(config, (size, size, 3))
+    sd = {k: np.broadcast_to(np.float32(0), tuple(s)) for k, s in json.loads(str(gold[f"spec_{which}"]))}
     prefix = "module.all_modules." if fmt == "cld_sgm" else "all_modules."
-    params = ncsnpp_from_torch(sd, exp.net, (32, 32), prefix=prefix)
+    params = ncsnpp_from_torch(sd, exp.net, (size, size), prefix=prefix)
     n = sum(int(np.prod(np.shape(v))) for v in jax.tree_util.tree_leaves(params))
-    assert n == int(gold["count_cifar10"])
+    assert n == int(gold[f"count_{which}"])
+
+
+@pytest.mark.parametrize("eps", [1e-9, 1e-6])
+def test_cld_sgm_velocity_score_formula_with_its_numerical_eps(eps):
+    """CLD-SGM's mixed velocity score -v / S_vv - o / l22 with S = Sigma_t + eps I (float64 from the library's
+    covariance), for both published regularisers (CIFAR-10 1e-9, CelebA-HQ 1e-6), on a constant network output;
+    at t = 1e-3 the two differ by far more than the tolerance, so the knob is exercised."""
+    from diffusion_jax.interop import make_peer_preconditioner
+    from diffusion_jax.param.roots import square_root
+    from diffusion_jax.sdes import families
+
+    sde = families.make("cld", beta=4.0, m_inv=4.0, init_gamma=0.04)
+    sqrt = square_root(sde, "L")
+    model = configs.digits("cld").model
+    model.kwargs = {"embedding_type": "positional"}
+    model.mixed_score = True
+    model.peer_numerical_eps = eps
+    pre = make_peer_preconditioner("cld_sgm", sde, sqrt, model)
+    o = 0.7
+    net = lambda x, c, **kw: jnp.full(x.shape[:3] + (1,), o)              # noqa: E731
+    u = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 2, 1, 2)), jnp.float32)
+    t = jnp.asarray([1e-3, 0.1, 1.0], jnp.float32)
+    score = np.asarray(score_from_eps(sde, pre.eps(net, u, t), sqrt(t)[:, None, None, None]))[..., 1]
+    cov = np.stack([sde.covariance_np(float(s)) for s in np.asarray(t)])
+    v = np.asarray(u, np.float64)[..., 1]
+
+    def expected(e):
+        sxx, sxv, svv = cov[:, 0, 0] + e, cov[:, 0, 1], cov[:, 1, 1] + e
+        l22 = np.sqrt((sxx * svv - sxv ** 2) / sxx)
+        return -v / svv[:, None, None, None] - o / l22[:, None, None, None]
+
+    np.testing.assert_allclose(score, expected(eps), rtol=1e-4, atol=1e-5)
+    other = expected(1e-6 if eps == 1e-9 else 1e-9)
+    assert np.max(np.abs(other[0] - expected(eps)[0])) > 100 * (1e-5 + 1e-4 * np.max(np.abs(other[0])))

@@ -57,9 +57,13 @@ def _load(path: str) -> Any:
                          f"is truncated or corrupt: download it again") from e
 
 
-def import_checkpoint(fmt: str, path: str, config: Any, workdir: str) -> str:
+def import_checkpoint(fmt: str, path: str, config: Any, workdir: str, numerical_eps: float | None = None) -> str:
     """Import ``path`` (format ``fmt``) with the library ``config`` (family, data, model.kwargs matching the
     checkpoint) into the run directory ``workdir``; returns ``workdir``.
+
+    ``numerical_eps`` (cld_sgm, psld): the peer's covariance regulariser, which its file does not record
+    (default: the peer's published setting for ``config.data.dataset``); kept as
+    ``config.model.peer_numerical_eps``.
 
     Raises FileNotFoundError (names the expected file and where it is published), ValueError (unreadable /
     truncated file, config not matching the format), UnsafeCheckpointError (the pickle names a global outside
@@ -84,6 +88,16 @@ def import_checkpoint(fmt: str, path: str, config: Any, workdir: str) -> str:
     peer = _module(fmt)
     peer.check_file(path)
     config.model.peer = fmt
+    if numerical_eps is None:
+        numerical_eps = peer.default_numerical_eps(config)
+    elif fmt == "score_sde":
+        raise ValueError("numerical_eps applies to the cld_sgm and psld formats only")
+    if numerical_eps is not None:
+        value = float(numerical_eps)
+        if not 0.0 <= value < 1e-2:
+            raise ValueError(f"numerical_eps must be a small non-negative number (the peer's regulariser, "
+                             f"1e-9 or 1e-6 in its configs), got {numerical_eps!r}")
+        config.model.peer_numerical_eps = numerical_eps = value
     configs.validate(config)
     peer.check_config(config)
     shape = data_shape(config)
@@ -107,7 +121,8 @@ def import_checkpoint(fmt: str, path: str, config: Any, workdir: str) -> str:
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     with open(os.path.join(workdir, "imported_from.json"), "w") as f:
-        json.dump({"format": fmt, "path": os.path.abspath(path), "step": step, "ema_rate": rate}, f, indent=2)
+        json.dump({"format": fmt, "path": os.path.abspath(path), "step": step, "ema_rate": rate,
+                   "numerical_eps": numerical_eps}, f, indent=2)
     return workdir
 
 

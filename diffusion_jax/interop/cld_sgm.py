@@ -32,8 +32,10 @@ K = L, bpd) sees exactly CLD-SGM's model.
 
 **Family**: CLD-SGM's ``beta0 + beta1 t`` with beta1 = 0 (every published run) is the library's ``cld`` with
 beta = beta0, M^-1 = m_inv, critical friction Gamma = 2 / sqrt(m_inv) and ``init_gamma`` = gamma (v_0 ~
-N(0, gamma M)); T = 1. ``numerical_eps`` = 1e-9 as in its configs. DSM-trained models (v_0 = 0) have no
-library counterpart (init_gamma > 0) and are not supported.
+N(0, gamma M)); T = 1. ``numerical_eps`` is not in the file: its configs use 1e-9 for CIFAR-10 and 1e-6
+for CelebA-HQ 256 (:func:`default_numerical_eps`; ``import-checkpoint --numerical-eps`` overrides it; it is kept
+as ``config.model.peer_numerical_eps``). DSM-trained models (v_0 = 0) have no library counterpart
+(init_gamma > 0) and are not supported.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from diffusion_jax.interop import langevin
 from diffusion_jax.interop.score_sde import convert as _convert_run_lib
 
 Array = Any
-NUMERICAL_EPS = 1e-9
+NUMERICAL_EPS = {"cifar10": 1e-9, "celeb_a_hq": 1e-6}     # configs/specific_{cifar10,celeba_paper}.txt
 PUBLISHED = ("CLD-SGM's checkpoints (checkpoint_<n>.pth, e.g. checkpoint_800000.pth for CIFAR-10), linked from "
              "the 'Checkpoints' section of the README of github.com/nv-tlabs/CLD-SGM (Google Drive)")
 
@@ -56,7 +58,7 @@ class CldSgmPreconditioner:
     """eps(u, t) w.r.t. K_t of a CLD-SGM network (velocity score, optionally mixed)."""
 
     def __init__(self, sde: Any, sqrt: Any, embedding_type: str = "fourier", mixed: bool = True,
-                 numerical_eps: float = NUMERICAL_EPS):
+                 numerical_eps: float = 1e-9):
         check_family(sde)
         self.sde, self.sqrt = sde, sqrt
         self.embedding_type, self.mixed, self.numerical_eps = embedding_type, bool(mixed), float(numerical_eps)
@@ -104,9 +106,15 @@ def check_config(config: Any) -> None:
         raise ValueError(f"unknown embedding_type {kw.get('embedding_type')!r}")
 
 
+def default_numerical_eps(config: Any) -> float:
+    """CLD-SGM's ``numerical_eps`` of the published setting for the config's data set (1e-9 otherwise)."""
+    return NUMERICAL_EPS.get(config.data.dataset, 1e-9)
+
+
 def make_preconditioner(sde: Any, sqrt: Any, model: Any) -> CldSgmPreconditioner:
     return CldSgmPreconditioner(sde, sqrt, embedding_type=model.kwargs.get("embedding_type", "fourier"),
-                                mixed=bool(model.get("mixed_score", True)))
+                                mixed=bool(model.get("mixed_score", True)),
+                                numerical_eps=float(model.get("peer_numerical_eps", 1e-9)))
 
 
 def convert(obj: Any, net: Any, image_shape: tuple[int, int], path: str) -> tuple[dict, dict, float, int]:

@@ -13,7 +13,9 @@ channels, data in [-1, 1]) with ``out_ch`` = 2 C outputs in the same [x, m] bloc
 
 **Parameterisation** (main/losses.py ``PSLDScoreLoss``, main/models/sde/psld.py ``get_score``): the output is
 eps w.r.t. the lower Cholesky factor L^eps of the HSM perturbation covariance plus ``numerical_eps`` I
-(``decomp_mode = lower``, m_0 ~ N(0, kappa M), numerical_eps 1e-9): s = -L^{eps,-T} o. The library's eps w.r.t.
+(``decomp_mode = lower``, m_0 ~ N(0, kappa M), numerical_eps 1e-9 in every published config; not in the
+file: ``import-checkpoint --numerical-eps`` overrides it, kept as ``config.model.peer_numerical_eps``):
+s = -L^{eps,-T} o. The library's eps w.r.t.
 K_t is eps_K = K^T L^{eps,-T} o (:mod:`diffusion_jax.interop.langevin`), so its score equals PSLD's.
 
 **Family**: PSLD's ``beta_min + t (beta_max - beta_min)`` with beta_min = beta_max (every published run) is the
@@ -35,7 +37,7 @@ from diffusion_jax.interop import langevin
 from diffusion_jax.interop.ncsnpp_weights import CheckpointMismatch, ncsnpp_from_torch, report_mismatch
 
 Array = Any
-NUMERICAL_EPS = 1e-9
+NUMERICAL_EPS = 1e-9                # main/configs/dataset/*/*_psld.yaml
 PUBLISHED = ("PSLD's Lightning checkpoints (<name>-epoch=<n>-loss=<x>.ckpt, e.g. the CIFAR-10 SOTA run's "
              "epoch=2349 file), linked from the README of github.com/mandt-lab/PSLD")
 PREFIX, EMA_PREFIX = "score_fn.", "ema_score_fn."
@@ -82,8 +84,13 @@ def check_config(config: Any) -> None:
                          "config.model.mixed_score=False")
 
 
+def default_numerical_eps(config: Any) -> float:
+    return NUMERICAL_EPS
+
+
 def make_preconditioner(sde: Any, sqrt: Any, model: Any) -> PsldPreconditioner:
-    return PsldPreconditioner(sde, sqrt, embedding_type=model.kwargs.get("embedding_type", "fourier"))
+    return PsldPreconditioner(sde, sqrt, embedding_type=model.kwargs.get("embedding_type", "fourier"),
+                              numerical_eps=float(model.get("peer_numerical_eps", NUMERICAL_EPS)))
 
 
 def convert(obj: Any, net: Any, image_shape: tuple[int, int], path: str, ema_rate: float = 0.9999

@@ -97,6 +97,11 @@ def check_config(config: Any) -> None:
     """Nothing beyond the family check of the preconditioner."""
 
 
+def default_numerical_eps(config: Any) -> None:
+    """score_sde's VP score has no covariance regulariser."""
+    return None
+
+
 def check_file(path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"score_sde checkpoint {path} not found: expected a file such as "
