@@ -28,7 +28,8 @@ coefficients), u = m_t x_0 + L^eps eps gives
 
 and eps_K = K^T L^{eps,-T} (eps_x, eps_v). The library's score s = -K^{-T} eps_K then has s_v equal to CLD-SGM's
 score, and every sampler that uses the score through G G^T (Euler-Maruyama, the probability flow, gDDIM with
-K = L, bpd) sees exactly CLD-SGM's model.
+K = L, bpd) sees exactly CLD-SGM's model. The completion also makes u = m_t x0_hat + K_t eps_K exact, which
+gDDIM's float32 step assumes (it drops the part of u that the denoiser and eps do not explain).
 
 **Family**: CLD-SGM's ``beta0 + beta1 t`` with beta1 = 0 (every published run) is the library's ``cld`` with
 beta = beta0, M^-1 = m_inv, critical friction Gamma = 2 / sqrt(m_inv) and ``init_gamma`` = gamma (v_0 ~
