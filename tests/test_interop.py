@@ -1,8 +1,9 @@
 """Checkpoint import (diffusion_jax.interop): score_sde_pytorch VP checkpoints as library runs.
 
 Fixtures (tests/fixtures/make_score_sde_checkpoint.py, run once with the reference code in a throw-away
-torch venv): a score_sde_pytorch-formatted checkpoint of a tiny VP NCSN++ on random weights, and the
-reference's own score function (models.utils.get_score_fn, continuous VP) on its EMA weights.
+torch venv): the recipe of a score_sde_pytorch checkpoint of a tiny VP NCSN++ on random weights (rebuilt in a
+temporary directory by tests/peer_checkpoints.py; no checkpoint file is tracked), and the reference's own
+score function (models.utils.get_score_fn, continuous VP) on its EMA weights.
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from diffusion_jax.param import score_from_eps
 from diffusion_jax.training.loop import load_run
 from diffusion_jax.training.state import pick_ema
 
+from peer_checkpoints import score_sde_checkpoint
+
 FIX = Path(__file__).parent / "fixtures"
-CKPT = str(FIX / "score_sde_vp_tiny.pth")
 GOLD = np.load(FIX / "score_sde_vp_tiny_golden.npz")
 
 
@@ -43,10 +45,15 @@ def tiny_config(data_dir: str = ""):
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory):
+def ckpt(tmp_path_factory):
+    return score_sde_checkpoint(GOLD, str(tmp_path_factory.mktemp("ckpt") / "checkpoint_1234.pth"))
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, ckpt):
     root = tmp_path_factory.mktemp("interop")
     workdir = str(root / "run")
-    import_checkpoint("score_sde", CKPT, tiny_config(str(root / "tfds")), workdir)
+    import_checkpoint("score_sde", ckpt, tiny_config(str(root / "tfds")), workdir)
     return workdir
 
 
@@ -96,8 +103,8 @@ def test_missing_file_names_the_file_and_where_it_is_published(tmp_path):
         import_checkpoint("score_sde", str(tmp_path / "nope.pth"), tiny_config(), str(tmp_path / "run"))
 
 
-def test_truncated_file_is_refused(tmp_path):
-    data = open(CKPT, "rb").read()
+def test_truncated_file_is_refused(tmp_path, ckpt):
+    data = open(ckpt, "rb").read()
     bad = tmp_path / "truncated.pth"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
@@ -121,21 +128,21 @@ def test_disallowed_global_is_refused_without_executing(tmp_path):
     assert not marker.exists()
 
 
-def test_other_architecture_lists_keys(tmp_path):
+def test_other_architecture_lists_keys(tmp_path, ckpt):
     c = tiny_config()
     c.model.kwargs["nf"] = 16                                    # wrong widths
     c.model.kwargs["progressive_input"] = "none"                 # and no input pyramid
     with pytest.raises(CheckpointMismatch) as err:
-        import_checkpoint("score_sde", CKPT, c, str(tmp_path / "run"))
+        import_checkpoint("score_sde", ckpt, c, str(tmp_path / "run"))
     msg = str(err.value)
     assert "unexpected" in msg and "wrong shape" in msg and "module.all_modules." in msg
     assert not os.path.isdir(tmp_path / "run" / "checkpoints")
 
 
-def test_unknown_format_and_wrong_family(tmp_path):
+def test_unknown_format_and_wrong_family(tmp_path, ckpt):
     with pytest.raises(ValueError, match="unknown checkpoint format"):
-        import_checkpoint("onnx", CKPT, tiny_config(), str(tmp_path / "a"))
+        import_checkpoint("onnx", ckpt, tiny_config(), str(tmp_path / "a"))
     c = tiny_config()
     c.family = configs.family_config("cld")
     with pytest.raises(ValueError, match="family.name='vp'"):
-        import_checkpoint("score_sde", CKPT, c, str(tmp_path / "b"))
+        import_checkpoint("score_sde", ckpt, c, str(tmp_path / "b"))

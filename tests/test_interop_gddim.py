@@ -96,10 +96,11 @@ def test_forward_and_score_match_gddim_reference(case, tmp_path):
     ckpt = tmp_path / "checkpoints" / "checkpoint_15"
     write_gddim_checkpoint(ckpt, raw, ema)
 
-    c.model.peer = gddim.peer_name(c)
-    assert c.model.peer == {"released": "gddim", "mixed_positional": "gddim+mixed+positional"}[case]
+    c.model.peer = "gddim"
     shape = (opts["image_size"], opts["image_size"], opts["num_channels"])
     exp = build_experiment(c, shape)
+    assert (exp.precond.mixed, exp.precond.embedding) == {"released": (False, "fourier"),
+                                                          "mixed_positional": (True, "positional")}[case]
     params, ema_params, rate, step = gddim.convert(gddim.load(str(ckpt.parent)), exp.net, shape[:2], str(ckpt))
     assert (rate, step) == (0.9999, 750_000)
 
@@ -232,7 +233,7 @@ def test_config_matches_the_released_network():
     from gDDIM's own init of configs/accr_dcifar10_config.py), so the released checkpoint maps one to one."""
     from diffusion_jax.training.configs import load_config
     c = load_config(str(Path(__file__).parents[1] / "configs" / "cifar10_cld_gddim_ncsnpp.py"), [])
-    c.model.peer = gddim.peer_name(c)
+    c.model.peer = "gddim"
     assert c.model.peer == "gddim" and c.family.name == "cld" and c.model.K == "R"
     exp = build_experiment(c, (32, 32, 3))
     shapes, _ = _shapes(exp.net, (32, 32))

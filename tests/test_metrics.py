@@ -6,8 +6,6 @@ for the weight keys, a plain numpy forward pass (tests/inception_reference.py) f
 checkpoints assembled here opcode by opcode in torch's on-disk layouts for the reader.
 """
 import os
-import pickle
-import struct
 import subprocess
 import sys
 import textwrap
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 
 import inception_reference as ref
+from torch_format import _pk_global, torch_save, write_fake_torch_checkpoint, write_state_dict_as_torch
 from diffusion_jax.evaluation import fid as fidlib
 from diffusion_jax.evaluation import inception as inc
 from diffusion_jax.evaluation import torch_pickle
@@ -307,89 +306,8 @@ def test_state_dict_round_trip_and_strictness():
 
 
 # ================================================================================================
-# Fake torch checkpoints, assembled opcode by opcode (protocol 2, as torch.save writes them)
+# Torch checkpoint reader (files from tests/torch_format.py)
 # ================================================================================================
-
-def _pk_str(s):
-    b = s.encode()
-    return b"X" + struct.pack("<I", len(b)) + b                # BINUNICODE
-
-
-def _pk_int(i):
-    return b"J" + struct.pack("<i", i)                          # BININT
-
-
-def _pk_tuple(parts):
-    return b"(" + b"".join(parts) + b"t"                        # MARK ... TUPLE
-
-
-def _pk_global(module, name):
-    return b"c" + f"{module}\n{name}\n".encode()                # GLOBAL
-
-
-def _pk_ordered_dict(items):
-    out = _pk_global("collections", "OrderedDict") + b")R"       # OrderedDict()
-    if items:
-        out += b"(" + b"".join(k + v for k, v in items) + b"u"  # MARK k v ... SETITEMS
-    return out
-
-
-_STORAGE_NAMES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage",
-                  np.dtype(np.int64): "LongStorage", np.dtype(np.int32): "IntStorage",
-                  np.dtype(np.float16): "HalfStorage"}
-
-
-def _pk_tensor(storage_key, storage, offset, size, stride, legacy):
-    pid = [_pk_str("storage"), _pk_global("torch", _STORAGE_NAMES[storage.dtype]), _pk_str(storage_key),
-           _pk_str("cpu"), _pk_int(storage.size)]
-    if legacy:
-        pid.append(b"N")                                        # view_metadata = None
-    args = [_pk_tuple(pid) + b"Q",                              # BINPERSID
-            _pk_int(offset), _pk_tuple([_pk_int(s) for s in size]), _pk_tuple([_pk_int(s) for s in stride]),
-            b"\x89", _pk_ordered_dict([])]                       # requires_grad=False, hooks
-    return _pk_global("torch._utils", "_rebuild_tensor_v2") + _pk_tuple(args) + b"R"
-
-
-def write_fake_torch_checkpoint(path, storages, tensors, fmt="zip", root="archive", extra_global=None):
-    """storages: {key: 1-d array}; tensors: [(name, key, offset, size, stride)] -> a torch.save file."""
-    items = [(_pk_str(name), _pk_tensor(key, storages[key], off, size, stride, fmt == "legacy"))
-             for name, key, off, size, stride in tensors]
-    if extra_global is not None:   # an entry whose value calls an arbitrary global
-        items.append((_pk_str("evil"), _pk_global(*extra_global) + _pk_tuple([_pk_str("echo pwned")]) + b"R"))
-    # state_dict() is an OrderedDict carrying a `_metadata` attribute: pickled as BUILD with its __dict__.
-    version_dict = b"}" + _pk_str("version") + _pk_int(1) + b"s"      # {"version": 1}
-    metadata = _pk_ordered_dict([(_pk_str(""), version_dict)])
-    obj = b"\x80\x02" + _pk_ordered_dict(items) + b"}" + _pk_str("_metadata") + metadata + b"sb" + b"."
-    if fmt == "zip":
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
-            zf.writestr(f"{root}/data.pkl", obj)
-            zf.writestr(f"{root}/byteorder", "little")
-            for key, arr in storages.items():
-                zf.writestr(f"{root}/data/{key}", np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes())
-            zf.writestr(f"{root}/version", "3\n")
-    else:
-        with open(path, "wb") as f:
-            f.write(pickle.dumps(torch_pickle.LEGACY_MAGIC_NUMBER, protocol=2))
-            f.write(pickle.dumps(torch_pickle.LEGACY_PROTOCOL_VERSION, protocol=2))
-            f.write(pickle.dumps({"protocol_version": 1001, "little_endian": True,
-                                  "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2))
-            f.write(obj)
-            keys = sorted(storages)
-            f.write(pickle.dumps(keys, protocol=2))
-            for key in keys:
-                arr = storages[key]
-                f.write(struct.pack("<q", arr.size) + arr.astype(arr.dtype.newbyteorder("<")).tobytes())
-
-
-def write_state_dict_as_torch(path, state_dict, fmt="zip"):
-    storages, tensors = {}, []
-    for i, (name, arr) in enumerate(state_dict.items()):
-        arr = np.ascontiguousarray(arr)
-        storages[str(i)] = arr.reshape(-1)
-        stride = tuple(int(s // arr.itemsize) for s in arr.strides)
-        tensors.append((name, str(i), 0, arr.shape, stride))
-    write_fake_torch_checkpoint(path, storages, tensors, fmt=fmt)
-
 
 @pytest.mark.parametrize("fmt,root", [("zip", "archive"), ("zip", "pt_inception-2015-12-05-6726825d"),
                                       ("legacy", None)])
@@ -420,6 +338,29 @@ def test_torch_pickle_reader_round_trip(tmp_path, fmt, root):
     np.testing.assert_array_equal(sd["h"], [0.5, -2.0])
     sd["w"][0, 0] = 99.0                                  # results are independent copies
     assert sd["w_t"][0, 0] == base[0]
+
+
+def test_torch_save_writer_round_trip(tmp_path):
+    """tests/torch_format.torch_save (what the interop tests build peer checkpoints with) writes nested
+    containers, scalars, strings and float32 / int64 / 0-d / empty tensors that the reader returns unchanged."""
+    import collections
+    sd = collections.OrderedDict([("w", np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5),
+                                  ("n", np.array(7, np.int64)), ("e", np.zeros((0, 3), np.float32))])
+    sd._metadata = collections.OrderedDict([("", {"version": 1})])
+    obj = {"model": sd, "opt": {"state": {}, "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.999), "fused": None,
+                                                                 "amsgrad": False, "params": [0, 1, 2]}]},
+           "shadow": [np.full((2, 2), 0.25, np.float32)], "step": 12, "name": "psld", "x": np.float64(0.5)}
+    path = str(tmp_path / "obj.pth")
+    torch_save(obj, path)
+    back = torch_pickle.load_torch_checkpoint(path)
+    assert list(back) == list(obj) and isinstance(back["model"], collections.OrderedDict)
+    assert list(back["model"]) == ["w", "n", "e"]
+    for k in sd:
+        assert back["model"][k].dtype == sd[k].dtype and back["model"][k].shape == sd[k].shape
+        np.testing.assert_array_equal(back["model"][k], sd[k])
+    assert back["opt"] == obj["opt"] and back["step"] == 12 and back["name"] == "psld"
+    assert type(back["x"]) is float and back["x"] == 0.5                    # numpy scalars become Python numbers
+    np.testing.assert_array_equal(back["shadow"][0], obj["shadow"][0])
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])

@@ -191,29 +191,22 @@ def gddim_root(sde: Any) -> GddimRoot:
 
 
 # ------------------------------------------------------------------ peer names carried in config.model.peer
-def peer_name(config: Any) -> str:
-    """'gddim' plus '+mixed' (config.model.mixed_score: gDDIM's model.mixed_score) and '+positional'
-    (config.model.kwargs.embedding_type) where they apply."""
-    name = "gddim"
-    if config.model.get("mixed_score", False):
-        name += "+mixed"
-    if dict(config.model.kwargs).get("embedding_type", "fourier") == "positional":
-        name += "+positional"
-    return name
+def check_config(config: Any) -> None:
+    embedding = dict(config.model.kwargs).get("embedding_type", "fourier")
+    if embedding not in ("fourier", "positional"):
+        raise ValueError(f"unknown NCSN++ time embedding {embedding!r} (config.model.kwargs.embedding_type); "
+                         f"gDDIM uses 'fourier' or 'positional'")
 
 
-def is_peer(peer: str) -> bool:
-    return peer.split("+")[0] == "gddim"
+def default_numerical_eps(config: Any) -> None:
+    """None: gDDIM's regulariser (R_0 with 1e-6) is part of its R_t, not an option of the import."""
+    return None
 
 
-def make_preconditioner(peer: str, sde: Any, sqrt: Any) -> GddimPreconditioner:
-    flags = peer.split("+")[1:]
-    unknown = [f for f in flags if f not in ("mixed", "positional")]
-    if not is_peer(peer) or unknown:
-        raise ValueError(f"unknown gDDIM peer {peer!r} (config.model.peer): 'gddim' with optional '+mixed', "
-                         f"'+positional'")
-    return GddimPreconditioner(sde, sqrt, mixed="mixed" in flags,
-                               embedding="positional" if "positional" in flags else "fourier")
+def make_preconditioner(sde: Any, sqrt: Any, model: Any) -> GddimPreconditioner:
+    """From ``config.model``: ``mixed_score`` (gDDIM's model.mixed_score) and ``kwargs.embedding_type``."""
+    return GddimPreconditioner(sde, sqrt, mixed=bool(model.get("mixed_score", False)),
+                               embedding=dict(model.kwargs).get("embedding_type", "fourier"))
 
 
 # ------------------------------------------------------------------ file
@@ -271,5 +264,5 @@ def convert(obj: Any, net: Any, image_shape: tuple[int, int], path: str) -> tupl
     return params, ema, rate, step
 
 
-__all__ = ["GddimPreconditioner", "GddimRoot", "PUBLISHED", "check_file", "convert", "load",
-           "make_preconditioner", "peer_name"]
+__all__ = ["GddimPreconditioner", "GddimRoot", "PUBLISHED", "check_config", "check_file", "convert",
+           "default_numerical_eps", "load", "make_preconditioner"]

@@ -54,18 +54,20 @@ def _strip(state_dict: Mapping[str, Any]) -> tuple[dict, str]:
     return dict(state_dict), prefix
 
 
-def convert(obj: Any, net: Any, image_shape: tuple[int, int], path: str) -> tuple[dict, dict, float, int]:
-    """(params, EMA params, EMA rate, step) from a loaded score_sde_pytorch checkpoint object."""
+def convert(obj: Any, net: Any, image_shape: tuple[int, int], path: str, peer: str = "score_sde_pytorch"
+            ) -> tuple[dict, dict, float, int]:
+    """(params, EMA params, EMA rate, step) from a loaded checkpoint object of score_sde_pytorch's
+    ``run_lib`` layout (also CLD-SGM's: ``peer`` names the code in messages)."""
     if not isinstance(obj, dict) or "model" not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointMismatch(f"{path} is not a score_sde_pytorch checkpoint: expected a dict with 'model', "
+        raise CheckpointMismatch(f"{path} is not a {peer} checkpoint: expected a dict with 'model', "
                                  f"'ema', 'optimizer', 'step'; found {keys}")
     model_sd, prefix = _strip(obj["model"])
     params = ncsnpp_from_torch(model_sd, net, image_shape, prefix=prefix + "all_modules.",
                                what=f"{path} ['model']")
     ema_obj = obj.get("ema")
     if not isinstance(ema_obj, dict) or "shadow_params" not in ema_obj:
-        raise CheckpointMismatch(f"{path} has no EMA state ('ema' with 'shadow_params'); score_sde_pytorch "
+        raise CheckpointMismatch(f"{path} has no EMA state ('ema' with 'shadow_params'); {peer} "
                                  f"checkpoints carry one")
     shadow = list(ema_obj["shadow_params"])
     # model.parameters() order = state-dict order without buffers; the frozen Fourier W is not averaged
@@ -85,6 +87,19 @@ def convert(obj: Any, net: Any, image_shape: tuple[int, int], path: str) -> tupl
                                    what=f"{path} ['ema']")
     step = int(np.asarray(obj.get("step", 0)))
     return params, ema_params, float(ema_obj.get("decay", 0.9999)), step
+
+
+def make_preconditioner(sde: Any, sqrt: Any, model: Any) -> ScoreSdeVPPreconditioner:
+    return ScoreSdeVPPreconditioner(sde, sqrt)
+
+
+def check_config(config: Any) -> None:
+    """Nothing beyond the family check of the preconditioner."""
+
+
+def default_numerical_eps(config: Any) -> None:
+    """score_sde's VP score has no covariance regulariser."""
+    return None
 
 
 def check_file(path: str) -> None:

@@ -66,18 +66,21 @@ def build_experiment(config, data_shape: tuple[int, ...]) -> Experiment:
     sqrt = square_root(sde, config.model.K)
     if config.model.get("peer", ""):          # an imported checkpoint: the peer's own input/output conventions
         from diffusion_jax.interop import make_peer_preconditioner
-        precond = make_peer_preconditioner(config.model.peer, sde, sqrt)
+        precond = make_peer_preconditioner(config.model.peer, sde, sqrt, config.model)
     else:
         precond = Preconditioner(sde, sqrt, sigma_data=config.data.sigma_data, mixed=config.model.mixed_score,
                                  c_out=config.model.get("c_out", False),
                                  time_input=config.model.get("time_input", "1000t"))
     width = network_channels(sde, data_shape)
+    in_width, out_width = width, width
+    if hasattr(precond, "network_channels"):  # a peer network whose output is not k C (CLD-SGM: velocity only)
+        in_width, out_width = precond.network_channels(tuple(data_shape), sde.order)
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     kwargs = dict(config.model.kwargs)
     if config.model.name == "mlp":
-        net = get_model("mlp", out_dim=width, dtype=dtype, **kwargs)
+        net = get_model("mlp", out_dim=out_width, dtype=dtype, **kwargs)
     else:
-        net = get_model(config.model.name, in_channels=width, out_channels=width, dtype=dtype, **kwargs)
+        net = get_model(config.model.name, in_channels=in_width, out_channels=out_width, dtype=dtype, **kwargs)
     tx = make_optimizer(config.optim, config.training.num_steps)
     return Experiment(config, sde, sqrt, precond, net, tuple(data_shape), tx)
 
