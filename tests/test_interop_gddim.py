@@ -29,6 +29,8 @@ from diffusion_jax.training.loop import load_run
 from diffusion_jax.training.setup import build_experiment
 from diffusion_jax.training.state import pick_ema
 
+from torch_format import torch_save
+
 FIX = Path(__file__).parent / "fixtures"
 GOLD = np.load(FIX / "gddim_golden.npz")
 _spec = importlib.util.spec_from_file_location("make_gddim_golden", FIX / "make_gddim_golden.py")
@@ -191,8 +193,10 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="truncated or corrupt"):
         import_checkpoint("gddim", str(bad), c, str(tmp_path / "run"))
     # a torch checkpoint (zip + pickle) is not msgpack: refused, never unpickled
+    torch_file = str(tmp_path / "model.pth")
+    torch_save({"step": 3, "model": {"w": np.zeros(3, np.float32)}}, torch_file)
     with pytest.raises(ValueError, match="not a gDDIM checkpoint"):
-        import_checkpoint("gddim", str(FIX / "score_sde_vp_tiny.pth"), c, str(tmp_path / "run"))
+        import_checkpoint("gddim", torch_file, c, str(tmp_path / "run"))
     # msgpack, but not a gDDIM State
     other = tmp_path / "other"
     other.write_bytes(serialization.msgpack_serialize({"params": {"w": np.zeros(3, np.float32)}}))

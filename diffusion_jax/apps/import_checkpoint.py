@@ -1,4 +1,4 @@
-"""``python -m diffusion_jax import-checkpoint --format {score_sde,cld_sgm,psld} PATH --config CONFIG --workdir RUN``.
+"""``python -m diffusion_jax import-checkpoint --format {score_sde,cld_sgm,psld,gddim} PATH --config CONFIG --workdir RUN``.
 
 Reads a checkpoint published by another code (no torch needed, restricted unpickler), maps every tensor onto the
 library's network with a full shape check, and writes RUN as a trained run: ``bench-nfe``, ``bpd``, ``analyze`` and
@@ -14,7 +14,7 @@ from diffusion_jax.training.configs import load_config
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffusion_jax import-checkpoint", description=__doc__.split("\n")[0])
-    p.add_argument("path", help="the peer's checkpoint file")
+    p.add_argument("path", help="the peer's checkpoint file (gddim: the file checkpoint_<n> or its folder)")
     p.add_argument("--format", required=True, choices=FORMATS, help="whose checkpoint it is")
     p.add_argument("--config", required=True, help="configuration matching the checkpoint (configs/*.py)")
     p.add_argument("--workdir", required=True, help="the run directory to write (must hold no checkpoints)")
