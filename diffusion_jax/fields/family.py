@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.fields.kernels import Kernel, make_kernel
+from diffusion_jax.sdes.base import Family
 from diffusion_jax.sdes.linear import LinearSDE
 from diffusion_jax.sdes.schedules import GeometricSigma
 
@@ -109,7 +110,7 @@ def field_family(name: str, sigma_min: float = 0.002, sigma_max: float = 80.0, T
     return FieldFamily(kernel, name, sigma_min, sigma_max, T, t_min, dict(kernel_params))
 
 
-def empirical_denoiser_fn(sde: LinearSDE, data: Array, kernel: Kernel | None = None, chunk: int = 1024):
+def empirical_denoiser_fn(sde: Family, data: Array, kernel: Kernel | None = None, chunk: int = 1024):
     """The exact denoiser of the training set ``data`` (n, *data) as ``fn(u, t)`` for ``samplers.sample``
     (``output="denoiser"``): D*(u[..., 0], sigma(t)) under ``kernel`` (default: the family's), per example,
     with sigma(t) = sqrt(B(t)) the VE noise level (``sde`` a field family or VE)."""
