@@ -222,14 +222,16 @@ def test_other_architecture_lists_missing_extra_and_wrong_shape(tmp_path):
 
 
 def test_wrong_family_is_refused_before_reading(tmp_path):
+    unread = tmp_path / "checkpoint_15"
+    unread.write_bytes(b"never read: the family is checked first")
     c, _ = case_config("released")
     c.family = configs.family_config("vp")
     with pytest.raises(ValueError, match="family.name='cld'"):
-        import_checkpoint("gddim", str(FIX / "score_sde_vp_tiny.pth"), c, str(tmp_path / "a"))
+        import_checkpoint("gddim", str(unread), c, str(tmp_path / "a"))
     c, _ = case_config("released")
     c.family = configs.family_config("cld", beta=4.0, m_inv=4.0, init_gamma=0.04, gamma=2.0)
     with pytest.raises(ValueError, match="critically damped"):
-        import_checkpoint("gddim", str(FIX / "score_sde_vp_tiny.pth"), c, str(tmp_path / "b"))
+        import_checkpoint("gddim", str(unread), c, str(tmp_path / "b"))
 
 
 def test_config_matches_the_released_network():
