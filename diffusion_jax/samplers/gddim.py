@@ -68,6 +68,15 @@ def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
     return v * np.sqrt(np.clip(w, 0.0, None))[..., None, :]
 
 
+@functools.lru_cache(maxsize=4096)
+def _p_vals(sde: Family, sqrt: SquareRoot, t_next: float, t: float) -> np.ndarray:
+    """Psi(t', tau) R_tau at the Gauss-Legendre nodes in log tau of [t', t] (shared by every order)."""
+    gl_x, _ = np.polynomial.legendre.leggauss(_GL_NODES)
+    v_lo, v_hi = np.log(t_next), np.log(t)
+    taus = np.exp(0.5 * (v_hi - v_lo) * gl_x + 0.5 * (v_hi + v_lo))
+    return np.stack([sde.transition_np(t=t_next, s=tau) @ sqrt.np(tau) for tau in taus])
+
+
 @functools.lru_cache(maxsize=64)
 def gddim_coefficients(sde: Family, sqrt: SquareRoot, grid: tuple[float, ...], order: int,
                        lam: float) -> dict[str, np.ndarray]:
@@ -98,7 +107,7 @@ def gddim_coefficients(sde: Family, sqrt: SquareRoot, grid: tuple[float, ...], o
         v = 0.5 * (v_hi - v_lo) * gl_x + 0.5 * (v_hi + v_lo)
         taus = np.exp(v)
         wts = 0.5 * (v_hi - v_lo) * gl_w * taus       # d tau = tau dv
-        p_vals = np.stack([sde.transition_np(t=t_next, s=tau) @ sqrt.np(tau) for tau in taus]) if q else None
+        p_vals = _p_vals(sde, sqrt, float(t_next), float(t)) if q else None
         for j in range(q + 1):
             lj_next = _lagrange(nodes, j, np.array([t_next]))[0]
             lj_t = _lagrange(nodes, j, np.array([t]))[0]
