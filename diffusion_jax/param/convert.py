@@ -55,12 +55,13 @@ def carried_tables(sde: Any, carried: SquareRoot, K: SquareRoot, ts: np.ndarray)
     ``w`` = S^{-1} m_t, ``w_hat`` = w / |w|^2, ``kz`` = S^{-1} K_t (the model's eps w.r.t. ``K`` -> eps w.r.t. S),
     ``kt`` = S^T (score -> eps w.r.t. S: eps = -S^T s), ``s_inv`` = S^{-1}. Per mode for a modal family.
 
-    Why: at small t, S_t is ill-conditioned (condition 4e7 for CD-HOLD n = 4 at t = 1e-3, 1e10 for n = 5) and
-    the exact flow of the sampler expands the near-null directions of Sigma_t (the step matrix S_{t'} S_t^{-1}
-    reaches 1e5 on the last steps). Forming eps = S^{-1}(u - m D) from a float32 state u turns u's rounding
-    (6e-8 |u| in every direction) into eps errors of 6e-8 |u| |S^{-1}|, carried into the next state by
-    S_{t'}: 1e-3 (TOLD) to 6e-2 (CD-HOLD n = 4) relative on a single data point. Carrying (c, z) instead,
-    eps = z + w (c - D) differs from z only by the (exactly zero for a constant D) denoiser change, and no
+    Why: at small t, S_t is ill-conditioned (condition 1.6e5 for TOLD, 3.6e7 for CD-HOLD n = 4, 8.9e9 for
+    n = 5 at t = 1e-3) and the exact flow of the sampler expands the near-null directions of Sigma_t (the step
+    matrix S_{t'} S_t^{-1} reaches 1.3e4 (TOLD), 1.3e6 (CD-HOLD n = 4), 1.6e10 (n = 6) on an 18-step power grid
+    to 1e-3). Forming eps = S^{-1}(u - m D) from a float32 state u turns u's rounding (6e-8 |u| in every
+    direction) into eps errors of 6e-8 |u| |S^{-1}|, carried into the next state by S_{t'}: 1e-3 (TOLD) to
+    6e-2 (CD-HOLD n = 4) relative on a single data point. Carrying (c, z) instead, eps = z + w (c - D)
+    differs from z only by the (exactly zero for a constant D) denoiser change, and no
     float32 inverse of S is ever formed.
     """
     out: dict[str, list] = dict(w=[], w_hat=[], kz=[], kt=[], s_inv=[])
