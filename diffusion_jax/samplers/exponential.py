@@ -19,10 +19,10 @@ with sum_j E_j = m_{t'} - A m_t exactly: when D is constant (a single data point
 (u = m_t x + R_t eps  ->  R_{t'} eps + m_{t'} x), whatever the quadrature or the step size.
 
 This is the non-isotropic analogue of DPM-Solver++ (multistep, data prediction): the family's M replaces
-the scalar log-SNR drift. It is float32-safe where the eps form is not: A is a backward transition of
-the *denoising* flow M (a contraction as t' -> 0, entries of order one), the E_j are bounded vectors, and
-D_j - D_0 carries the rounding of an O(1) quantity, where eps_j - eps_0 in the eps form carries eps's
-rounding amplified by the conditioning of R at small t.
+the scalar log-SNR drift. Float32: the E_j are bounded vectors and D_j - D_0 carries the rounding of an
+O(1) quantity; A expands some directions (entries up to 1e6 for CD-HOLD n = 4 on the last steps), so it is
+never applied to a float32 state, and eps, D are formed from a carried representation u = m_t c + R_t z
+rather than by R^{-1} from u (:func:`step_tables`, :func:`diffusion_jax.param.convert.carried_tables`).
 
 Predictor-corrector (``corrector=True``, UniPC's idea with the family's matrices): after the predictor
 reaches t_{i+1} and D is evaluated there (the evaluation the next step needs anyway), the step
