@@ -202,7 +202,7 @@ def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, l
     def err(s, rho, q, c):
         ts = power_grid(s, rho, sde.T, t_end)
         tab = exponential.step_tables(sde, sqrt, tuple(float(t) for t in ts), q, c)
-        x = runner(u0, {k: jnp.asarray(tab[k], u0.dtype) for k in ("t", "m_next", "b", "v", "g")})
+        x = runner(u0, {k: jnp.asarray(tab[k], u0.dtype) for k in exponential.SCAN_KEYS})
         x = np.asarray(x[..., 0], np.float64)
         e = float(np.mean(np.linalg.norm(x - ref, axis=1)))
         return e if np.isfinite(e) else np.inf

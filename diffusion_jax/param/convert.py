@@ -10,6 +10,7 @@ import functools
 from typing import Any, Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax.param.roots import OUTPUTS, SquareRoot, square_root
 
@@ -43,6 +44,59 @@ def denoiser_from_eps(sde: Any, u: Array, eps: Array, m_t: Array, k_t: Array) ->
     k_inv = _inv(k_t)
     w = jnp.einsum("...ij,...j->...i", k_inv, m_t)
     return sde.project(w / jnp.sum(w * w, axis=-1, keepdims=True), sde.apply(k_inv, u) - eps)
+
+
+# ------------------------------------------------------------------ carried representation (float32-safe)
+def carried_tables(sde: Any, carried: SquareRoot, K: SquareRoot, ts: np.ndarray) -> dict[str, np.ndarray]:
+    r"""Host float64 tables, per time t in ``ts``, for conversions relative to a carried representation
+
+        u = m_t c + S_t z        (S = ``carried``, the sampler's square root; c data-shaped, z state-shaped):
+
+    ``w`` = S^{-1} m_t, ``w_hat`` = w / |w|^2, ``kz`` = S^{-1} K_t (the model's eps w.r.t. ``K`` -> eps w.r.t. S),
+    ``kt`` = S^T (score -> eps w.r.t. S: eps = -S^T s), ``s_inv`` = S^{-1}. Per mode for a modal family.
+
+    Why: at small t, S_t is ill-conditioned (condition 1.6e5 for TOLD, 3.6e7 for CD-HOLD n = 4, 8.9e9 for
+    n = 5 at t = 1e-3) and the exact flow of the sampler expands the near-null directions of Sigma_t (the step
+    matrix S_{t'} S_t^{-1} reaches 1.3e4 (TOLD), 1.3e6 (CD-HOLD n = 4), 1.6e10 (n = 6) on an 18-step power grid
+    to 1e-3). Forming eps = S^{-1}(u - m D) from a float32 state u turns u's rounding (6e-8 |u| in every
+    direction) into eps errors of 6e-8 |u| |S^{-1}|, carried into the next state by S_{t'}: 1e-3 (TOLD) to
+    6e-2 (CD-HOLD n = 4) relative on a single data point. Carrying (c, z) instead, eps = z + w (c - D)
+    differs from z only by the (exactly zero for a constant D) denoiser change, and no
+    float32 inverse of S is ever formed.
+    """
+    out: dict[str, list] = dict(w=[], w_hat=[], kz=[], kt=[], s_inv=[])
+    for t in np.asarray(ts, np.float64):
+        s_t = carried.np(t)
+        m_t = np.asarray(sde.transition_np(t=t, s=0.0))[..., :, 0]
+        s_inv = np.linalg.inv(s_t)
+        w = (s_inv @ m_t[..., None])[..., 0]
+        if K is carried or K.kind == carried.kind:
+            kz = np.broadcast_to(np.eye(sde.order), s_t.shape).copy()
+        elif carried.kind == "R" and K.kind == "L":              # R = L U: R^{-1} L = U^T (no solve)
+            kz = np.broadcast_to(np.swapaxes(np.asarray(carried._rotation(np.float64(t), np)), -1, -2),
+                                 s_t.shape).copy()
+        else:
+            kz = np.linalg.solve(s_t, K.np(t))
+        out["w"].append(w)
+        out["w_hat"].append(w / np.sum(w * w, axis=-1, keepdims=True))
+        out["kz"].append(kz)
+        out["kt"].append(np.swapaxes(s_t, -1, -2))
+        out["s_inv"].append(s_inv)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def carried_conversion(sde: Any, output: str, out: Array, c: Array, z: Array, row: dict) -> tuple[Array, Array]:
+    r"""(eps w.r.t. the carried root S, denoiser D) from a network output ``out`` at u = m_t c + S_t z, with
+    ``row`` the :func:`carried_tables` entries at t (see there for why):
+
+    * denoiser:  D = out,  eps = z + w (c - D);
+    * eps (w.r.t. K):  eps = (S^{-1} K) out,  D = c + w_hat^T (z - eps)   (the Sigma^{-1}-weighted fit);
+    * score:  eps = -S^T out,  D as for eps.
+    """
+    if output == "denoiser":
+        return z + sde.lift(row["w"], c - out), out
+    eps = sde.apply(row["kz"], out) if output == "eps" else -sde.apply(row["kt"], out)
+    return eps, c + sde.project(row["w_hat"], z - eps)
 
 
 class Model:
@@ -86,6 +140,10 @@ class Model:
         if self.output == "eps":
             return score_from_eps(self.sde, out, k_t)
         return score_from_eps(self.sde, eps_from_denoiser(self.sde, u, out, self.sde.mean_coefficient(t), k_t), k_t)
+
+    def carried(self, u: Array, t: Array, c: Array, z: Array, row: dict) -> tuple[Array, Array]:
+        """(eps w.r.t. the carried root, D) at u = m_t c + S_t z from one evaluation (:func:`carried_conversion`)."""
+        return carried_conversion(self.sde, self.output, self._call(u, t), c, z, row)
 
     def all(self, u: Array, t: Array) -> tuple[Array, Array, Array]:
         """(eps, score, denoiser) from one evaluation."""

@@ -19,10 +19,10 @@ with sum_j E_j = m_{t'} - A m_t exactly: when D is constant (a single data point
 (u = m_t x + R_t eps  ->  R_{t'} eps + m_{t'} x), whatever the quadrature or the step size.
 
 This is the non-isotropic analogue of DPM-Solver++ (multistep, data prediction): the family's M replaces
-the scalar log-SNR drift. It is float32-safe where the eps form is not: A is a backward transition of
-the *denoising* flow M (a contraction as t' -> 0, entries of order one), the E_j are bounded vectors, and
-D_j - D_0 carries the rounding of an O(1) quantity, where eps_j - eps_0 in the eps form carries eps's
-rounding amplified by the conditioning of R at small t.
+the scalar log-SNR drift. Float32: the E_j are bounded vectors and D_j - D_0 carries the rounding of an
+O(1) quantity; A expands some directions (entries up to 1e6 for CD-HOLD n = 4 on the last steps), so it is
+never applied to a float32 state, and eps, D are formed from a carried representation u = m_t c + R_t z
+rather than by R^{-1} from u (:func:`step_tables`, :func:`diffusion_jax.param.convert.carried_tables`).
 
 Predictor-corrector (``corrector=True``, UniPC's idea with the family's matrices): after the predictor
 reaches t_{i+1} and D is evaluated there (the evaluation the next step needs anyway), the step
@@ -40,12 +40,15 @@ from typing import Any
 import numpy as np
 
 from diffusion_jax.param import SquareRoot
+from diffusion_jax.param.convert import carried_tables
 from diffusion_jax.samplers.gddim import _lagrange, _lagrange_deriv
 
 Array = Any
 _GL_NODES = 32
 MAX_WEIGHT = 1e3
 INTERP_VARIABLES = ("t", "logt", "lambda")
+# the float arrays of :func:`step_tables` that the compiled loop reads, one row per step
+SCAN_KEYS = ("t", "m_next", "b", "v", "g", "zv", "w", "w_hat", "kz", "kt", "s_inv")
 
 
 
@@ -69,18 +72,6 @@ def _variable(sde, kind: str):
         h = 1e-5 * t
         return (lam(t + h) - lam(t - h)) / (2 * h)
     return lam, dlam
-
-
-def _r_inv_k(sqrt: SquareRoot, K: SquareRoot, t: float) -> np.ndarray:
-    """R_t^{-1} K_t without a solve where it is known: I for K = R, U_t^T for K = L (R = L U, U orthogonal);
-    a float64 solve with R_t (condition up to ~1e11 at t = 1e-3) would cost digits that the exact cancellation
-    of a constant D needs."""
-    if K is sqrt or K.kind == sqrt.kind:
-        return np.broadcast_to(np.eye(sqrt.sde.order), np.shape(sqrt.np(t))).copy()
-    if sqrt.kind == "R" and K.kind == "L":
-        u_t = np.asarray(sqrt._rotation(np.float64(t), np))          # shared by every mode
-        return np.broadcast_to(np.swapaxes(u_t, -1, -2), np.shape(K.np(t))).copy()
-    return np.linalg.solve(sqrt.np(t), K.np(t))
 
 
 def _solve_vec(r: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -160,19 +151,23 @@ def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corr
                 variable: str = "t", K: SquareRoot | None = None, max_weight: float = MAX_WEIGHT) -> dict[str, np.ndarray]:
     r"""Per-step tables for :func:`multistep_step` (row i serves the step grid[i] -> grid[i+1]).
 
-    The step is evaluated as  u_{i+1} = m_{i+1} D_i + B_i eps_i + sum_{j >= 1} V_ij (D_{i-j} - D_i)  with
-    B_i = R_{i+1} R_i^{-1} K_i (eps w.r.t. the model's square root ``K``, default R) and the vectors V_ij
-    collecting, in float64, the predictor weights E_i and, with a corrector, the transport A_i (Ec_{i-1} -
-    E_{i-1}) of the previous step's correction (whose D differences are known by then). A constant D cancels
-    exactly and no float32 state is ever multiplied by A_i, whose entries reach 1e5 (CD-HOLD n = 4) to 1e8
-    (n = 6) on the last steps to t = 1e-3 (a backward transition of the denoising flow expands some
-    directions). The corrected state at grid[i] (for the trajectory only) is u_i + sum_{j >= 1} G_ij
-    (D_{i-j} - D_i).
+    The step is evaluated as  u_{i+1} = m_{i+1} D_i + R_{i+1} eps_i + sum_{j >= 1} V_ij (D_{i-j} - D_i)  with
+    eps_i w.r.t. R and the vectors V_ij collecting, in float64, the predictor weights E_i and, with a corrector,
+    the transport A_i (Ec_{i-1} - E_{i-1}) of the previous step's correction (whose D differences are known by
+    then). A constant D cancels exactly and no float32 state is ever multiplied by A_i = R_{i+1} R_i^{-1}, whose
+    entries reach 1e5 (CD-HOLD n = 4) to 1e8 (n = 6) on the last steps to t = 1e-3 (a backward transition of
+    the denoising flow expands some directions). The corrected state at grid[i] (for the trajectory only) is
+    u_i + sum_{j >= 1} G_ij (D_{i-j} - D_i).
 
-    Float32 safety: D differences carry rounding ~1e-7 |D|, so each step lowers its order (and then its
-    corrector) until every |V_ij| <= ``max_weight``; this only bites on the last steps, where D no longer
-    moves. Keys: ``t`` (N,), ``m_next`` (N, k), ``b`` (N, k, k), ``v`` (N, H, k), ``g`` (N, H, k),
-    ``orders`` (N,) and ``correctors`` (N,) (the degrees used: correction of step i - 1 applied at row i).
+    Float32 safety. (1) eps and D come from the model relative to the carried representation
+    u_i = m_i c_i + R_i z_i (:func:`diffusion_jax.param.convert.carried_tables`): c_{i+1} = D_i,
+    z_{i+1} = eps_i + sum_j (R_{i+1}^{-1} V_ij) (D_{i-j} - D_i), so the float32 state's rounding is never
+    multiplied by R^{-1}. (2) D differences carry rounding ~1e-7 |D|, so each step lowers its order (and then
+    its corrector) until every |V_ij| <= ``max_weight``; this only bites on the last steps, where D no longer
+    moves. Keys: ``t`` (N,), ``m_next`` (N, k), ``b`` (N, k, k) = R_{i+1}, ``v`` (N, H, k), ``zv`` (N, H, k)
+    = R_{i+1}^{-1} V, ``g`` (N, H, k), the carried conversions at grid[i] (``w``, ``w_hat``, ``kz``, ``kt``,
+    ``s_inv``), ``orders`` (N,) and ``correctors`` (N,) (the degrees used: correction of step i - 1 applied
+    at row i).
     """
     ts = np.asarray(grid, np.float64)
     n = len(ts) - 1
@@ -182,7 +177,7 @@ def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corr
     kshape = ms[0].shape
     # history: D_i .. D_{i-order}, and with a corrector also the previous step's order + 1 slots after slot 0
     n_hist = max(order + 1 + (corrector >= 0), corrector + 2, 1)
-    b = np.stack([rs[i + 1] @ _r_inv_k(sqrt, K, ts[i]) for i in range(n)])
+    b = np.stack(rs[1:])
     v = np.zeros((n, n_hist) + kshape)
     g = np.zeros((n, n_hist) + kshape)
     orders = np.zeros(n, np.int64)
@@ -216,39 +211,52 @@ def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corr
             else:
                 q -= 1
         v[i], g[i], orders[i], correctors[i] = vi, gi, q, c
-    return dict(t=ts[:n], m_next=np.stack(ms[1:]), b=b, v=v, g=g, orders=orders, correctors=correctors)
+    zv = np.stack([np.linalg.solve(rs[i + 1], v[i][..., None])[..., 0] for i in range(n)])
+    return dict(t=ts[:n], m_next=np.stack(ms[1:]), b=b, v=v, zv=zv, g=g, orders=orders, correctors=correctors,
+                **carried_tables(sde, sqrt, K, ts[:n]))
 
 
-def multistep_step(sde, tab: dict, u: Array, eps: Array, d: Array, hist: Array) -> tuple[Array, Array, Array]:
-    r"""One step from grid[i]: ``tab`` is row i of :func:`step_tables`, (``eps``, ``d``) the model at the
-    state ``u`` it was evaluated at, ``hist`` the earlier D values (newest first). Returns (the corrected
-    state at grid[i] (u itself without corrector), u_{i+1}, new history)."""
+def multistep_step(sde, tab: dict, u: Array, c: Array, z: Array, eps: Array, d: Array,
+                   hist: Array) -> tuple[Array, Array, Array, Array, Array]:
+    r"""One step from grid[i]: ``tab`` is row i of :func:`step_tables`, u = m_i c + R_i z the state (with its
+    carried representation), (``eps``, ``d``) the model there (eps w.r.t. R, from
+    :meth:`~diffusion_jax.param.Model.carried`), ``hist`` the earlier D values (newest first). Returns (the
+    corrected state at grid[i] (u itself without corrector), u_{i+1}, c_{i+1}, z_{i+1}, new history)."""
     import jax.numpy as jnp
     hist = jnp.concatenate([d[None], hist[:-1]], axis=0)              # hist[j] = D at grid[i - j]
     u_next = sde.lift(tab["m_next"], d) + sde.apply(tab["b"], eps)
+    z_next = eps
     u_corr = u
     for j in range(1, hist.shape[0]):
         diff = hist[j] - d
         u_next = u_next + sde.lift(tab["v"][j], diff)
+        z_next = z_next + sde.lift(tab["zv"][j], diff)
         u_corr = u_corr + sde.lift(tab["g"][j], diff)
-    return u_corr, u_next, hist
+    return u_corr, u_next, d, z_next, hist
+
+
+def carried_start(sde, u0: Array, s_inv0: Array) -> tuple[Array, Array]:
+    """The carried representation (c, z) = (0, S^{-1} u0) of the initial state (S well conditioned at t_start)."""
+    import jax.numpy as jnp
+    return jnp.zeros(u0.shape[:-1], u0.dtype), sde.apply(s_inv0, u0)
 
 
 def multistep_scan(sde, model, u0: Array, tab: dict):
-    """The jittable loop over :func:`multistep_step` (``tab``: :func:`step_tables`' float arrays, u0's dtype).
-
-    ``model.all(u, t)`` gives (eps, score, D). Returns (u_N, states at grid[:N] (N, ...), D there (N, ...)).
+    """The jittable loop over :func:`multistep_step` (``tab``: :func:`step_tables`' arrays named in
+    :data:`SCAN_KEYS`, in u0's dtype). ``model.carried`` gives (eps, D) relative to the carried representation.
+    Returns (u_N, states at grid[:N] (N, ...), D there (N, ...)).
     """
     import jax
     import jax.numpy as jnp
 
     def step(carry, row):
-        u, hist = carry
-        eps, _, d = model.all(u, row["t"])
-        u_corr, u_next, hist = multistep_step(sde, row, u, eps, d, hist)
-        return (u_next, hist), (u_corr, d)
+        u, c, z, hist = carry
+        eps, d = model.carried(u, row["t"], c, z, row)
+        u_corr, u_next, c, z, hist = multistep_step(sde, row, u, c, z, eps, d, hist)
+        return (u_next, c, z, hist), (u_corr, d)
 
     hist0 = jnp.zeros((tab["v"].shape[1],) + u0.shape[:-1], u0.dtype)
-    rows = {k: tab[k] for k in ("t", "m_next", "b", "v", "g")}
-    (u_fin, _), (traj, den) = jax.lax.scan(step, (u0, hist0), rows)
+    rows = {k: tab[k] for k in SCAN_KEYS}
+    c0, z0 = carried_start(sde, u0, tab["s_inv"][0])
+    (u_fin, *_), (traj, den) = jax.lax.scan(step, (u0, c0, z0, hist0), rows)
     return u_fin, traj, den

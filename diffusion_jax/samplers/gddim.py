@@ -17,14 +17,17 @@ sum_j l_j = 1, sum_j C_j = R_{t'} - Psi(t', t) R_t exactly: with eps constant (a
 lambda = 0) every step is exact, whatever the quadrature. The coefficients are computed once per grid
 on the host in float64 and cached in memory.
 
-Float32 form of the deterministic step. Psi(t', t) of a long backward step is large (e^{lambda dB}) and
+Float32 form of the deterministic step (:func:`gddim_step`). Psi(t', t) of a long backward step is large (e^{lambda dB}) and
 Psi u + C eps cancels catastrophically. Since Psi(t', t) m_t = m_{t'}, writing u = m_t D + R_t eps + r
 (D the denoiser implied by eps, r the part of u that (D, eps) does not explain) gives the same update as
 
     u(t') = m_{t'} D_0 + R_{t'} eps_0 + sum_{j >= 1} C_j (eps_j - eps_0) + Psi(t', t) r.
 
 For any exact score r = 0 identically (u | x_0 is Gaussian with mean m_t x_0, so eps = R^{-1}(u - m_t D));
-we evaluate the step without the Psi r term, which in float32 is amplified rounding noise.
+we evaluate the step without the Psi r term, which in float32 is amplified rounding noise. Likewise eps and
+D are not formed from the float32 state (eps = K^{-1}(u - m D) multiplies u's rounding by K^{-1}, condition
+up to 1e10 at t = 1e-3) but from the carried representation u = m_t c + K_t z (c the last D, z the last eps
+plus its multistep terms; param.convert.carried_tables), which is exact in float32 for a constant eps.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import functools
 import numpy as np
 
 from diffusion_jax.param import SquareRoot
+from diffusion_jax.param.convert import carried_tables
 from diffusion_jax.sdes.base import Family
 
 _GL_NODES = 24
@@ -64,6 +68,15 @@ def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
     return v * np.sqrt(np.clip(w, 0.0, None))[..., None, :]
 
 
+@functools.lru_cache(maxsize=4096)
+def _p_vals(sde: Family, sqrt: SquareRoot, t_next: float, t: float) -> np.ndarray:
+    """Psi(t', tau) R_tau at the Gauss-Legendre nodes in log tau of [t', t] (shared by every order)."""
+    gl_x, _ = np.polynomial.legendre.leggauss(_GL_NODES)
+    v_lo, v_hi = np.log(t_next), np.log(t)
+    taus = np.exp(0.5 * (v_hi - v_lo) * gl_x + 0.5 * (v_hi + v_lo))
+    return np.stack([sde.transition_np(t=t_next, s=tau) @ sqrt.np(tau) for tau in taus])
+
+
 @functools.lru_cache(maxsize=64)
 def gddim_coefficients(sde: Family, sqrt: SquareRoot, grid: tuple[float, ...], order: int,
                        lam: float) -> dict[str, np.ndarray]:
@@ -71,7 +84,9 @@ def gddim_coefficients(sde: Family, sqrt: SquareRoot, grid: tuple[float, ...], o
 
     ``psi`` (N, k, k), ``coef`` C (N, q+1, k, k) (times 1 + lam^2; C[i, j] multiplies the eps evaluated at
     grid[i - j], slots beyond the available history are zero), ``noise`` factors (N, k, k), ``m_next``
-    (N, k) = m_{t'}, ``r_next`` (N, k, k) = R_{t'}; a modal family's carry its ``mode_shape`` before (k, k).
+    (N, k) = m_{t'}, ``r_next`` (N, k, k) = R_{t'}, ``zcoef`` = R_{t'}^{-1} C and the carried conversions at
+    grid[i] (``w``, ``w_hat``, ``kz``, ``kt``, ``s_inv``: :func:`diffusion_jax.param.convert.carried_tables`);
+    a modal family's carry its ``mode_shape`` before (k, k).
     """
     ts = np.asarray(grid, np.float64)
     n = len(ts) - 1
@@ -92,7 +107,7 @@ def gddim_coefficients(sde: Family, sqrt: SquareRoot, grid: tuple[float, ...], o
         v = 0.5 * (v_hi - v_lo) * gl_x + 0.5 * (v_hi + v_lo)
         taus = np.exp(v)
         wts = 0.5 * (v_hi - v_lo) * gl_w * taus       # d tau = tau dv
-        p_vals = np.stack([sde.transition_np(t=t_next, s=tau) @ sqrt.np(tau) for tau in taus]) if q else None
+        p_vals = _p_vals(sde, sqrt, float(t_next), float(t)) if q else None
         for j in range(q + 1):
             lj_next = _lagrange(nodes, j, np.array([t_next]))[0]
             lj_t = _lagrange(nodes, j, np.array([t]))[0]
@@ -102,4 +117,29 @@ def gddim_coefficients(sde: Family, sqrt: SquareRoot, grid: tuple[float, ...], o
         if lam > 0:
             noise[i] = _psd_sqrt(lam ** 2 * sde.reverse_covariance_np(t_next, t))
     coef *= 1.0 + lam ** 2
-    return dict(psi=psi, coef=coef, noise=noise, m_next=m_next, r_next=r_next)
+    # the carried representation u = m_t c + R_t z (float32 safety, param.convert.carried_tables)
+    zcoef = np.linalg.solve(r_next[:, None], coef)
+    return dict(psi=psi, coef=coef, zcoef=zcoef, noise=noise, m_next=m_next, r_next=r_next,
+                **carried_tables(sde, sqrt, sqrt, ts[:-1]))
+
+
+def gddim_step(sde: Family, model, t, row: dict, u, c, z, hist):
+    r"""One deterministic (lam = 0) step of the eps form from t, float32-safe (module docstring): eps and D from
+    the model relative to the carried representation u = m_t c + K_t z (``row``: :func:`gddim_coefficients`'
+    row of the step with its carried conversions), then
+
+        u' = m_{t'} D + K_{t'} eps_0 + sum_{j >= 1} C_j (eps_j - eps_0),
+        c' = D,   z' = eps_0 + sum_{j >= 1} (K_{t'}^{-1} C_j) (eps_j - eps_0),
+
+    so a constant eps (a single data point) gives z' = eps_0 exactly. ``hist`` (q + 1, ...) holds the earlier
+    eps values, newest first. Returns (u', c', z', new history, D)."""
+    import jax.numpy as jnp
+    eps, d = model.carried(u, t, c, z, row)
+    hist = jnp.concatenate([eps[None], hist[:-1]], axis=0)      # hist[j] = eps at t_{i-j}
+    # history slots not yet filled have C_j = 0, so their (zero) content never matters
+    u_next = sde.lift(row["m_next"], d) + sde.apply(row["r_next"], eps)
+    z_next = eps
+    for j in range(1, hist.shape[0]):
+        u_next = u_next + sde.apply(row["coef"][j], hist[j] - eps)
+        z_next = z_next + sde.apply(row["zcoef"][j], hist[j] - eps)
+    return u_next, d, z_next, hist, d

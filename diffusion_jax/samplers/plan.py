@@ -204,7 +204,7 @@ def _plan(sde: Family, method: str, nfe: int | None, kind: str, t_start: float, 
         meta.update(order=opts["order"], corrector=-1, predict="eps", grid=opts["grid"])
         c = gddim_coefficients(sde, square_root(sde, kind), tuple(float(t) for t in ts), opts["order"],
                                float(opts["lam"]))
-        tables.update(psi=c["psi"], coef=c["coef"], noise=c["noise"], m_next=c["m_next"], r_next=c["r_next"])
+        tables.update(c)
         count = n
     elif method == "sscs":
         tables.update(_sscs_tables(sde, ts, float(opts["lam"])))

@@ -21,7 +21,8 @@ import numpy as np
 
 from diffusion_jax.param.convert import Model
 from diffusion_jax.param.roots import square_root
-from diffusion_jax.samplers.exponential import multistep_scan
+from diffusion_jax.samplers.exponential import SCAN_KEYS, carried_start, multistep_scan
+from diffusion_jax.samplers.gddim import gddim_step
 from diffusion_jax.samplers.plan import DIFFRAX_ADAPTIVE, DIFFRAX_FIXED
 from diffusion_jax.sdes.base import Family
 
@@ -118,7 +119,7 @@ def runner(sde: Family, apply: Callable, method: str, options: tuple, output: st
     if method == "gddim" and opts["predict"] == "denoiser":
         def run(params, u0, key, tables):
             model = model_of(params)
-            tab = {k: jnp.asarray(tables[k], u0.dtype) for k in ("t", "m_next", "b", "v", "g")}
+            tab = {k: jnp.asarray(tables[k], u0.dtype) for k in SCAN_KEYS}
             u_fin, traj, den = multistep_scan(sde, model, u0, tab)
             if not return_trajectory:
                 return finish(model, u_fin), None, None, ()
@@ -128,32 +129,33 @@ def runner(sde: Family, apply: Callable, method: str, options: tuple, output: st
     if method == "gddim":
         order, lam = int(opts["order"]), float(opts["lam"])
         stable = lam == 0
+        carried_keys = ("w", "w_hat", "kz", "kt", "s_inv")
 
         def run(params, u0, key, tables):
             model = model_of(params)
             dtype = u0.dtype
             n = tables["psi"].shape[0]
-            xs = tuple(jnp.asarray(tables[k], dtype) for k in ("psi", "coef", "noise", "m_next", "r_next"))
+            xs = tuple(jnp.asarray(tables[k], dtype) for k in ("psi", "coef", "zcoef", "noise", "m_next", "r_next"))
+            car = {k: jnp.asarray(tables[k], dtype) for k in carried_keys}
             ts = jnp.asarray(tables["ts"], dtype)
             keys = jax.random.split(key, n)
             hist0 = jnp.zeros((order + 1,) + u0.shape, dtype)
+            c0, z0 = carried_start(sde, u0, car["s_inv"][0])
 
             def step(carry, inp):
-                u, hist = carry
-                (t, psi, coef, noise, m_next, r_next), k = inp
-                eps, _, d = model.all(u, t)
-                hist = jnp.concatenate([eps[None], hist[:-1]], axis=0)      # hist[j] = eps at t_{i-j}
+                u, c, z, hist = carry
+                (t, psi, coef, zcoef, noise, m_next, r_next, row), k = inp
                 if stable:
-                    # m_{t'} D + R_{t'} eps_0 + sum_{j>=1} C_j (eps_j - eps_0); history slots not yet filled
-                    # have C_j = 0, so their (zero) content never matters.
-                    u_next = sde.lift(m_next, d) + sde.apply(r_next, eps)
-                    u_next = u_next + sum(sde.apply(coef[j], hist[j] - eps) for j in range(1, order + 1))
+                    row = dict(row, coef=coef, zcoef=zcoef, m_next=m_next, r_next=r_next)
+                    u_next, c, z, hist, d = gddim_step(sde, model, t, row, u, c, z, hist)
                 else:
+                    eps, _, d = model.all(u, t)
+                    hist = jnp.concatenate([eps[None], hist[:-1]], axis=0)      # hist[j] = eps at t_{i-j}
                     u_next = sde.apply(psi, u) + sum(sde.apply(coef[j], hist[j]) for j in range(order + 1))
                     u_next = u_next + sde.apply(noise, jax.random.normal(k, u.shape, dtype))
-                return (u_next, hist), (u, d)
+                return (u_next, c, z, hist), (u, d)
 
-            (u_fin, _), (traj, den) = jax.lax.scan(step, (u0, hist0), ((ts[:-1],) + xs, keys))
+            (u_fin, *_), (traj, den) = jax.lax.scan(step, (u0, c0, z0, hist0), ((ts[:-1],) + xs + (car,), keys))
             if not return_trajectory:
                 return finish(model, u_fin), None, None, ()
             return finish(model, u_fin), jnp.concatenate([traj, u_fin[None]]), den, ()
