@@ -16,8 +16,8 @@ eps of the mixture, in float64 numpy (closed form, independent of :mod:`diffusio
     eps(x, t) = -sigma_t score = sigma_t sum_k r_k(x) (x - alpha_t mu_k) / (alpha_t^2 s^2 + sigma_t^2),
 
 evaluated at the continuous time of the solver's own sigma (so the integer timesteps that diffusers rounds to do
-not enter). Each peer is run with three spacings (uniform in t = diffusers' "linspace"; Karras sigmas; uniform
-log-SNR = ``use_exponential_sigmas``, uniform in log sigma) and the best one per NFE is the peer's figure.
+not enter). Each peer is run with three spacings of its noise levels (uniform in t; Karras, rho = 7; uniform
+log-SNR), set on the scheduler directly (:func:`run_peer`), and the best one per NFE is the peer's figure.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ PEERS = {"dpm++2m": ("DPMSolverMultistepScheduler", dict(solver_order=2, algorit
          "dpm++3m": ("DPMSolverMultistepScheduler", dict(solver_order=3, algorithm_type="dpmsolver++")),
          "unipc": ("UniPCMultistepScheduler", dict(solver_order=2, solver_type="bh2")),
          "unipc3": ("UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh2"))}
-SPACINGS = {"uniform_t": {}, "karras": dict(use_karras_sigmas=True), "logsnr": dict(use_exponential_sigmas=True)}
+SPACINGS = ("uniform_t", "karras", "logsnr")
 PEER_NFES = (5, 10, 20, 50)
 
 
@@ -73,24 +73,49 @@ def mixture_eps(x: np.ndarray, t: float, big_b, means: np.ndarray, var: float) -
     return np.sqrt(s2) * np.einsum("nk,nkd->nd", r, diff) / v
 
 
+def peer_sigmas(spacing: str, nfe: int, big_b, t_end: float, T: float = 1.0) -> np.ndarray:
+    """nfe + 1 decreasing noise levels sigma = sqrt(e^B - 1) from T to t_end: uniform in t, Karras (rho = 7), or
+    uniform in log sigma (= uniform log-SNR)."""
+    sig = lambda t: np.sqrt(np.expm1(big_b(t)))
+    s_max, s_min = sig(T), sig(t_end)
+    k = np.arange(nfe + 1) / nfe
+    if spacing == "uniform_t":
+        return sig(T + k * (t_end - T))
+    if spacing == "karras":
+        return (s_max ** (1 / 7) + k * (s_min ** (1 / 7) - s_max ** (1 / 7))) ** 7
+    if spacing == "logsnr":
+        return np.exp(np.log(s_max) + k * (np.log(s_min) - np.log(s_max)))
+    raise ValueError(f"unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
+
+
 def run_peer(name: str, spacing: str, nfe: int, x_t: np.ndarray, beta_min: float, beta_max: float, t_end: float,
              means: np.ndarray, var: float) -> np.ndarray:
-    """One diffusers run from x_T (n, 2), float64 states and model outputs; returns x at t_end."""
+    """One diffusers run from x_T (n, 2), float64 states and model outputs; returns x at t_end.
+
+    The scheduler's noise levels are set to :func:`peer_sigmas` (nfe + 1 values, T -> t_end: exactly nfe steps
+    of the solver ending at t_end). Diffusers' own Karras / exponential spacings with ``final_sigmas_type=
+    "sigma_min"`` end with a zero-length step (sigma_min twice), which wastes one evaluation and makes the 3M
+    update divide by zero; ``"zero"`` would end on the denoiser at sigma_min instead of the ODE state at t_end.
+    """
     diffusers, torch = _import_peers()
     cls_name, kw = PEERS[name]
     big_b, t_of_sigma, abar = vp_schedule(beta_min, beta_max, t_end)
     betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
     sched = getattr(diffusers, cls_name)(num_train_timesteps=N_TRAIN, trained_betas=betas, prediction_type="epsilon",
-                                         lower_order_final=True, final_sigmas_type="sigma_min", **kw,
-                                         **SPACINGS[spacing])
+                                         lower_order_final=True, final_sigmas_type="sigma_min", **kw)
     # float64 table (diffusers builds it with a float32 cumulative product)
     sched.alphas_cumprod = torch.tensor(abar, dtype=torch.float64)
     sched.alpha_t = torch.sqrt(sched.alphas_cumprod)
     sched.sigma_t = torch.sqrt(1 - sched.alphas_cumprod)
     sched.lambda_t = torch.log(sched.alpha_t) - torch.log(sched.sigma_t)
-    sched.set_timesteps(nfe)
-    if len(sched.timesteps) != nfe:
-        raise RuntimeError(f"{name}/{spacing}: {len(sched.timesteps)} steps for nfe={nfe}")
+    sched.set_timesteps(nfe)                                   # resets the solver's history
+    sig = peer_sigmas(spacing, nfe, big_b, t_end)
+    idx = np.rint((t_of_sigma(sig[:-1]) - t_end) / (1.0 - t_end) * (N_TRAIN - 1)).astype(np.int64)
+    for j in range(nfe - 2, -1, -1):                           # strictly decreasing labels (bookkeeping only)
+        idx[j] = max(idx[j], idx[j + 1] + 1)
+    sched.sigmas = torch.tensor(sig, dtype=torch.float32)
+    sched.timesteps = torch.tensor(idx, dtype=torch.int64)
+    sched.num_inference_steps = nfe
     x = torch.tensor(x_t, dtype=torch.float64)
     for i, step_t in enumerate(sched.timesteps):
         t_cont = float(t_of_sigma(float(sched.sigmas[i])))
