@@ -64,7 +64,8 @@ CSV_FIELDS = ("sampler", "method", "nfe_budget", "nfe", "metric", "value", "std"
               "n_used", "seed", "ema", "step", "noise_sha")
 # Options a sampler spec may set, with the types they are parsed to (all go to samplers.sample).
 SAMPLER_OPTIONS: dict[str, type] = {"order": int, "lam": float, "grid": str, "rho": float, "ode_jump": bool,
-                                    "rtol": float, "atol": float}
+                                    "rtol": float, "atol": float, "predict": str, "corrector": int,
+                                    "max_gain": float}
 FLOOR_PREFIX = "data:"
 
 

@@ -289,11 +289,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", default=None, help=f"comma list of {','.join(SAMPLERS)}")
     p.add_argument("--nfe", default=None, help="comma list of NFE (default 5,10,20,50,100,200,500,1000)")
     p.add_argument("--n-samples", type=int, default=256)
+    p.add_argument("--peers", action="store_true",
+                   help="VP only: diffusers' DPM-Solver++ (2M, 3M) and UniPC against the gddim default, same prior "
+                        "draws, ratio of errors (needs pip install -e '.[peers]')")
     p.add_argument("--tune", action="store_true",
                    help="measure the gddim defaults and write diffusion_jax/samplers/tuned_grids.json")
     a = p.parse_args(argv)
     split = lambda v: v.split(",") if v else None
-    if a.tune:
+    if a.peers:
+        from diffusion_jax.apps import peers
+        peers._import_peers()                       # a clear error naming the extra, before any work
+        nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else peers.PEER_NFES
+        peers.run(a.out, nfes, a.n_samples)
+    elif a.tune:
         nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else TUNE_NFES
         tune(None, split(a.families) or TUNE_FAMILIES, nfes)
     else:

@@ -25,7 +25,10 @@ Methods and their options (anything else is an error naming these):
   matrix analogue of DPM-Solver++ multistep with an optional ``corrector`` at no extra evaluation,
   :mod:`.exponential`); with ``predict="denoiser"`` the options left unset (order, corrector, grid) take the
   best configuration measured on exact scores for the family and NFE (:mod:`.defaults`, ``bench-solvers --tune``).
-  The denoiser form is opt-in: with learned networks it diverged at NFE 10-50 in our tests;
+  The denoiser form is opt-in: with learned networks it diverged at NFE 10-50 in our tests (the tuned grids'
+  first step multiplies the network's eps error by up to ~180 through D(T), and the D-history weights add
+  more); ``max_gain`` (e.g. 5) bounds each step's eps-error gain (:func:`.exponential.guard_grid` and the
+  order control of :func:`.exponential.step_tables`), at a cost in exact-score accuracy at NFE 5-20;
 * ``sscs``: symmetric splitting, exact linear half-steps around an Euler score step (``lam``, default 1);
 * ``edm_heun``: Karras et al.'s Heun in sigma(t) on the EDM grid (``rho``, ``ode_jump``).
 

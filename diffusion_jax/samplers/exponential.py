@@ -46,6 +46,7 @@ from diffusion_jax.samplers.gddim import _lagrange, _lagrange_deriv
 Array = Any
 _GL_NODES = 32
 MAX_WEIGHT = 1e3
+MAX_GAIN = 10.0       # a suggested bound for learned networks (measured in bench-nfe); off unless asked for
 INTERP_VARIABLES = ("t", "logt", "lambda")
 # the float arrays of :func:`step_tables` that the compiled loop reads, one row per step
 SCAN_KEYS = ("t", "m_next", "b", "v", "g", "zv", "w", "w_hat", "kz", "kt", "s_inv")
@@ -147,8 +148,51 @@ def denoiser_coefficients(sde, sqrt: SquareRoot, grid: tuple[float, ...], order:
     return dict(a=a, e=e, ec=ec)
 
 
+def eps_gain(sde, sqrt: SquareRoot, t: float) -> np.ndarray:
+    r"""1 / |w_t| with w_t = R_t^{-1} m_t: the size of the change of D = w^T (R^{-1} u - eps) / |w|^2 per unit
+    change of eps (the same for any square root K = R U, U orthogonal). It is large at t ~ T, where m_t -> 0
+    (1/|w| ~ 250 at T for CLD, 150 for VP): there a learned network's D is its eps error magnified that much."""
+    m = sde.transition_np(t=t, s=0.0)[..., :, 0]
+    return 1.0 / np.linalg.norm(_solve_vec(sqrt.np(t), m), axis=-1)
+
+
+def step_gain(sde, sqrt: SquareRoot, t: float, t_next: float) -> float:
+    """|m_{t'}| / |w_t|: how far the order-0 (DDIM) step t -> t' moves u per unit eps error (largest over modes)."""
+    m = sde.transition_np(t=t_next, s=0.0)[..., :, 0]
+    return float(np.max(np.linalg.norm(m, axis=-1) * eps_gain(sde, sqrt, t)))
+
+
+def guard_grid(sde, sqrt: SquareRoot, ts: np.ndarray, max_gain: float) -> np.ndarray:
+    r"""The grid with every step's own eps-error gain (:func:`step_gain`) at most ``max_gain``, same length.
+
+    Grids tuned on exact scores take a huge first step (CLD NFE 5: T = 1 -> 0.13, a gain of 183), harmless
+    when the score is exact and ruinous for a learned one: D(T) is the network's eps error times 1/|w_T| ~ 250.
+    Walking from T, a step whose gain is too large is shortened to the t' where the gain equals ``max_gain``
+    (bisection; m_t grows as t falls) and the later nodes keep their relative place in log t between the new
+    node and t_end. The last step is never moved (its gain is tiny: |w| is large at small t).
+    """
+    ts = np.array(ts, np.float64)
+    n = len(ts) - 1
+    for i in range(n - 1):
+        if step_gain(sde, sqrt, ts[i], ts[i + 1]) <= max_gain:
+            continue
+        lo, hi = ts[i + 1], ts[i]                       # gain(lo) > max_gain >= gain(hi) = |m_t| / |w_t| ~ sigma_t
+        for _ in range(60):
+            mid = np.sqrt(lo * hi)
+            if step_gain(sde, sqrt, ts[i], mid) > max_gain:
+                lo = mid
+            else:
+                hi = mid
+        old, t_end = ts[i + 1], ts[-1]
+        frac = (np.log(ts[i + 2:n]) - np.log(t_end)) / (np.log(old) - np.log(t_end))
+        ts[i + 1] = hi
+        ts[i + 2:n] = np.exp(np.log(t_end) + frac * (np.log(hi) - np.log(t_end)))
+    return ts
+
+
 def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corrector: int = -1,
-                variable: str = "t", K: SquareRoot | None = None, max_weight: float = MAX_WEIGHT) -> dict[str, np.ndarray]:
+                variable: str = "t", K: SquareRoot | None = None, max_weight: float = MAX_WEIGHT,
+                max_gain: float | None = None) -> dict[str, np.ndarray]:
     r"""Per-step tables for :func:`multistep_step` (row i serves the step grid[i] -> grid[i+1]).
 
     The step is evaluated as  u_{i+1} = m_{i+1} D_i + R_{i+1} eps_i + sum_{j >= 1} V_ij (D_{i-j} - D_i)  with
@@ -168,6 +212,14 @@ def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corr
     = R_{i+1}^{-1} V, ``g`` (N, H, k), the carried conversions at grid[i] (``w``, ``w_hat``, ``kz``, ``kt``,
     ``s_inv``), ``orders`` (N,) and ``correctors`` (N,) (the degrees used: correction of step i - 1 applied
     at row i).
+
+    Learned networks (``max_gain``): D_j carries the network's eps error times 1/|w_j| (:func:`eps_gain`), so the
+    multistep terms move u_{i+1} by sum_j |V_ij| / |w_{i-j}| per unit eps error, where the order-0 step (DDIM,
+    no history) moves it by |m_{i+1}| / |w_i| (:func:`guard_grid` bounds that one). Each step also lowers its
+    order (then its corrector) until the first is at most ``max_gain``: a D from a much noisier time (the first
+    steps from t ~ T, where 1/|w| ~ 1e2) is not extrapolated with a weight that multiplies its error. With an
+    exact score this only costs accuracy; with a trained one it removes the multistep part of the divergence
+    of notebook 03's CLD model. ``None`` (the default) turns it off.
     """
     ts = np.asarray(grid, np.float64)
     n = len(ts) - 1
@@ -178,6 +230,7 @@ def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corr
     # history: D_i .. D_{i-order}, and with a corrector also the previous step's order + 1 slots after slot 0
     n_hist = max(order + 1 + (corrector >= 0), corrector + 2, 1)
     b = np.stack(rs[1:])
+    gains = np.stack([eps_gain(sde, sqrt, t) for t in ts])                 # (N + 1, *mode_shape)
     v = np.zeros((n, n_hist) + kshape)
     g = np.zeros((n, n_hist) + kshape)
     orders = np.zeros(n, np.int64)
@@ -204,7 +257,13 @@ def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corr
                 vi += (tab["a"][i] @ gi[..., None])[..., 0]
             vi[0] = 0.0                                   # slot 0 is D_i itself: implied by the differences
             gi[0] = 0.0
-            if np.abs(vi).max() <= max_weight or (q == 0 and c < 0):
+            ok = np.abs(vi).max() <= max_weight
+            if ok and max_gain is not None:
+                # eps-error gain of the history terms against the order-0 step's own, per mode
+                hist_t = [max(i - j, 0) for j in range(n_hist)]
+                g_hist = sum(np.linalg.norm(vi[j], axis=-1) * gains[hist_t[j]] for j in range(1, n_hist))
+                ok = bool(np.all(g_hist <= max_gain))
+            if ok or (q == 0 and c < 0):
                 break
             if c >= 0:
                 c -= 1

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_jax.param.roots import SQUARE_ROOTS, OUTPUTS, SquareRoot, square_root
-from diffusion_jax.samplers.exponential import step_tables
+from diffusion_jax.samplers.exponential import guard_grid, step_tables
 from diffusion_jax.samplers.gddim import _psd_sqrt, gddim_coefficients
 from diffusion_jax.samplers.grids import GRIDS, noise_level, time_grid
 from diffusion_jax.sdes.base import Family
@@ -33,14 +33,14 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     **{m: ("grid", "rho") for m in DIFFRAX_FIXED},
     **{m: ("rtol", "atol", "max_steps") for m in DIFFRAX_ADAPTIVE},
     "euler_maruyama": ("grid", "rho"),
-    "gddim": ("grid", "rho", "order", "lam", "predict", "corrector"),
+    "gddim": ("grid", "rho", "order", "lam", "predict", "corrector", "max_gain"),
     "sscs": ("grid", "rho", "lam"),
     "edm_heun": ("rho", "ode_jump"),
 }
 METHODS = tuple(METHOD_OPTIONS)
 COMMON_OPTIONS = ("output", "K", "t_start", "t_end", "denoise_final", "return_trajectory")
 DEFAULTS: dict[str, Any] = dict(grid="uniform", rho=7.0, order=1, lam=0.0, rtol=1e-5, atol=1e-5, max_steps=16384,
-                                ode_jump=False, corrector=-1)
+                                ode_jump=False, corrector=-1, max_gain=math.inf)
 PREDICTS = ("denoiser", "eps")
 MAX_CORRECTOR = 4
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"sscs": dict(lam=1.0), "edm_heun": dict(grid="edm")}
@@ -92,6 +92,11 @@ def check_options(method: str, nfe: int | None, options: dict[str, Any]) -> dict
         c = opts["corrector"]
         if not (isinstance(c, (int, np.integer)) and -1 <= c <= MAX_CORRECTOR):
             raise ValueError(f"gddim corrector must be an integer in -1..{MAX_CORRECTOR} (-1: none), got {c!r}")
+        g = opts["max_gain"]
+        if not (isinstance(g, (int, float, np.integer, np.floating)) and not isinstance(g, bool) and g > 0):
+            raise ValueError(f"gddim max_gain must be a number > 0 (inf: no limit), got {g!r}")
+        if "max_gain" in options and opts["predict"] != "denoiser":
+            raise ValueError("gddim max_gain bounds the denoiser form's history weights: it needs predict='denoiser'")
         if c >= 0 and opts["predict"] != "denoiser":
             raise ValueError("the gddim corrector needs predict='denoiser' (pass corrector=-1 for predict='eps')")
         q = opts["order"]
@@ -184,6 +189,9 @@ def _plan(sde: Family, method: str, nfe: int | None, kind: str, t_start: float, 
         from diffusion_jax.samplers.defaults import gddim_defaults
         cfg = gddim_defaults(sde, nfe, t_start, t_end)
         ts, meta["grid"] = cfg["ts"], cfg["source"]
+        if method == "gddim" and math.isfinite(opts.get("max_gain", math.inf)):
+            ts = guard_grid(sde, square_root(sde, "R"), ts, float(opts["max_gain"]))
+            meta["grid"] += f", steps guarded to eps gain <= {opts['max_gain']:g}"
     else:
         ts = time_grid(sde, n, opts.get("grid", "edm"), t_start, t_end, opts.get("rho", 7.0))
     tables: dict[str, np.ndarray] = {"ts": ts}
@@ -193,9 +201,10 @@ def _plan(sde: Family, method: str, nfe: int | None, kind: str, t_start: float, 
     elif method == "euler_maruyama":
         count = n
     elif method == "gddim" and opts["predict"] == "denoiser":
+        gain = float(opts["max_gain"])
         tab = step_tables(sde, square_root(sde, "R"), tuple(float(t) for t in ts), opts["order"], opts["corrector"],
-                          K=square_root(sde, kind))
-        meta.update(order=opts["order"], corrector=opts["corrector"], predict="denoiser",
+                          K=square_root(sde, kind), max_gain=None if math.isinf(gain) else gain)
+        meta.update(order=opts["order"], corrector=opts["corrector"], predict="denoiser", max_gain=gain,
                     orders=tab.pop("orders"), correctors=tab.pop("correctors"))
         meta.setdefault("grid", opts["grid"])
         tables.update(tab)

@@ -1,0 +1,94 @@
+"""The denoiser form's eps-error control for learned networks (``max_gain``) and the optional peer run.
+
+* guard_grid: every step's own eps-error gain |m_{t'}| / |w_t| (recomputed here from the family's float64
+  transition and square root, w = R^{-1} m) is at most the bound afterwards, the grid keeps its length, its
+  ends and its order, and a grid that already satisfies the bound is returned unchanged;
+* the history control: with max_gain every step's history gain sum_j |V_ij| / |w_{i-j}| (recomputed from the
+  tables) is within the bound, and a single data point is still sampled exactly (the control only lowers orders);
+* bad values are errors naming the fix; the peer run without diffusers names ``pip install -e '.[peers]'``.
+"""
+from __future__ import annotations
+
+import builtins
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from diffusion_jax import sdes
+from diffusion_jax.param import square_root
+from diffusion_jax.samplers import exponential, prior_init, sample
+from diffusion_jax.samplers.plan import make_plan
+
+from test_samplers import dirac_denoiser, reference_dirac_pf_ode
+
+
+def _gain(sde, t, t_next):
+    """|m_{t_next}| * |R_t^{-1} m_t|^{-1}, independently of exponential.py."""
+    m = lambda s: sde.transition_np(t=s, s=0.0)[:, 0]
+    w = np.linalg.solve(np.linalg.cholesky(sde.covariance_np(t)), m(t))       # |w| is the same for any root
+    return np.linalg.norm(m(t_next)) / np.linalg.norm(w)
+
+
+@pytest.mark.parametrize("name,params", [("cld", {}), ("vp", {})])
+def test_guard_grid_bounds_every_step(name, params):
+    sde = sdes.make(name, **params)
+    sqrt = square_root(sde, "R")
+    plan = make_plan(sde, "gddim", 5, "R", predict="denoiser")               # the tuned grid: a huge first step
+    ts = plan.ts
+    assert _gain(sde, ts[0], ts[1]) > 20.0
+    guarded = exponential.guard_grid(sde, sqrt, ts, 5.0)
+    assert len(guarded) == len(ts) and guarded[0] == ts[0] and guarded[-1] == ts[-1]
+    assert np.all(np.diff(guarded) < 0)
+    gains = [_gain(sde, guarded[i], guarded[i + 1]) for i in range(len(ts) - 2)]
+    assert max(gains) <= 5.0 * (1 + 1e-6), gains       # float64 roots of a near-singular Sigma
+    assert gains[0] == pytest.approx(5.0, rel=1e-6)                          # shortened just enough
+    # already within the bound: unchanged
+    loose = exponential.guard_grid(sde, sqrt, guarded, 1e6)
+    assert np.array_equal(loose, guarded)
+    # the plan applies it with max_gain, and says so
+    p2 = make_plan(sde, "gddim", 5, "R", predict="denoiser", max_gain=5.0)
+    assert np.allclose(p2.ts, guarded) and "guarded" in p2.meta["grid"]
+
+
+def test_history_gain_within_bound_and_single_point_exact():
+    sde = sdes.make("cld")
+    plan = make_plan(sde, "gddim", 10, "R", predict="denoiser", max_gain=5.0)
+    v, ts = plan.tables["v"], plan.ts
+    w_norm = [np.linalg.norm(np.linalg.solve(np.linalg.cholesky(sde.covariance_np(t)),
+                                             sde.transition_np(t=t, s=0.0)[:, 0])) for t in ts]
+    for i in range(v.shape[0]):
+        g = sum(np.linalg.norm(v[i, j]) / w_norm[i - j] for j in range(1, v.shape[1]) if i - j >= 0)
+        assert g <= 5.0 * (1 + 1e-6), (i, g)
+    unguarded = make_plan(sde, "gddim", 10, "R", predict="denoiser")
+    assert sum(plan.meta["orders"]) < sum(unguarded.meta["orders"])         # the bound did lower orders
+    # a single data point stays exact (float32, relative to the state's scale)
+    u0 = prior_init(sde, jax.random.PRNGKey(0), 3, (2,))
+    ref = reference_dirac_pf_ode(sde, u0, 1e-3)
+    u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=1e-3,
+                     predict="denoiser", max_gain=5.0)
+    assert info.config["max_gain"] == 5.0
+    assert np.abs(np.asarray(u, np.float64) - ref).max() / np.abs(ref).max() <= 1e-4
+
+
+def test_max_gain_bad_input():
+    sde = sdes.make("cld")
+    with pytest.raises(ValueError, match="max_gain must be a number > 0"):
+        make_plan(sde, "gddim", 5, "R", predict="denoiser", max_gain=0.0)
+    with pytest.raises(ValueError, match="needs predict='denoiser'"):
+        make_plan(sde, "gddim", 5, "R", predict="eps", max_gain=5.0)
+    assert math.isinf(make_plan(sde, "gddim", 5, "R", predict="denoiser").meta["max_gain"])
+
+
+def test_peers_without_diffusers_names_the_extra(monkeypatch):
+    from diffusion_jax.apps import bench_solvers
+    real_import = builtins.__import__
+
+    def no_diffusers(name, *a, **k):
+        if name.split(".")[0] in ("diffusers", "torch"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_diffusers)
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[peers\]'"):
+        bench_solvers.main(["--peers", "--nfe", "5"])
