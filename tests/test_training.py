@@ -146,6 +146,41 @@ def test_n_steps_per_call_is_bitwise_equal_to_single_steps(tmp_path):
     np.testing.assert_array_equal(_losses(tmp_path / "k1"), _losses(tmp_path / "k4"))
 
 
+@pytest.mark.parametrize("model", ["ddpmpp", "ncsnpp"])
+def test_n_steps_per_call_is_bitwise_equal_to_single_steps_for_the_unets(model):
+    """The tiny digits U-Nets (attention, FIR up/down convolutions for NCSN++): one call of k = 4
+    (``lax.scan``) leaves params, optimiser state and EMA bitwise equal to 4 single-step calls, and the
+    per-step losses agree. Needs models/conv.py's canonical-form kernel gradient on CPU."""
+    from diffusion_jax.data import data_shape
+    from diffusion_jax.training.setup import build_experiment, make_mesh, shardings, state_initializer
+    from diffusion_jax.training.step import batch_sharding_for, jit_train_step
+    c = configs.digits("cld")
+    c.training.batch_size = 16
+    if model == "ddpmpp":
+        c.model.kwargs = dict(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    else:
+        c.model.name = "ncsnpp"
+        c.model.kwargs = dict(nf=8, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                              fir=True, progressive="output_skip", progressive_input="residual")
+    mesh = make_mesh(c)
+    exp = build_experiment(c, data_shape(c))
+    replicated, _ = shardings(mesh)
+    batches = np.random.default_rng(0).standard_normal((4, 16) + data_shape(c)).astype(np.float32)
+    single = jit_train_step(exp, mesh, n_steps_per_call=1)
+    state, losses = state_initializer(exp, replicated)(), []
+    for b in batches:
+        state, m = single(state, jax.device_put(b, batch_sharding_for(mesh, 1)))
+        losses.append(float(m["loss"]))
+    four, m4 = jit_train_step(exp, mesh, n_steps_per_call=4)(state_initializer(exp, replicated)(),
+                                                             jax.device_put(batches, batch_sharding_for(mesh, 4)))
+    assert int(four.step) == int(state.step) == 4
+    leaves1 = jax.tree_util.tree_leaves(jax.device_get(state))
+    leaves4 = jax.tree_util.tree_leaves(jax.device_get(four))
+    unequal = [i for i, (a, b) in enumerate(zip(leaves1, leaves4)) if not np.array_equal(a, b)]
+    assert unequal == [], f"{len(unequal)} of {len(leaves1)} state leaves differ"
+    np.testing.assert_array_equal(np.asarray(m4["loss"]), np.asarray(losses, np.float32))
+
+
 def test_sigterm_saves_at_the_next_step_and_resumes_exactly(tmp_path):
     """Single process: SIGTERM -> checkpoint at the next step boundary, return normally; the resume
     equals an uninterrupted run. (Several processes: tests/test_multihost.py.)"""

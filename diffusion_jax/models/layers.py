@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.conv import conv_general_dilated
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -75,14 +77,16 @@ def conv3x3(x: jax.Array, features: int, init_scale: float = 1.0,
             dtype: Dtype = jnp.float32) -> jax.Array:
     """3x3 'SAME' convolution with DDPM init and zero bias (call inside a compact module)."""
     return nn.Conv(features, kernel_size=(3, 3), padding="SAME", dtype=dtype,
-                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)(x)
+                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
+                   conv_general_dilated=conv_general_dilated)(x)
 
 
 def conv1x1(x: jax.Array, features: int, init_scale: float = 1.0,
             dtype: Dtype = jnp.float32) -> jax.Array:
     """1x1 convolution with DDPM init (channel mixing, used for resized skip paths)."""
     return nn.Conv(features, kernel_size=(1, 1), padding="SAME", dtype=dtype,
-                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)(x)
+                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
+                   conv_general_dilated=conv_general_dilated)(x)
 
 
 def naive_upsample_2d(x: jax.Array, factor: int = 2) -> jax.Array:

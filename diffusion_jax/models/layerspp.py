@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.models.conv import conv_general_dilated
 from diffusion_jax.models.layers import default_init
 
 Dtype = Any
@@ -60,7 +61,7 @@ def upfirdn_2d(x: jax.Array, k2: np.ndarray, up: int = 1, down: int = 1,
     w = jnp.tile(w[:, :, None, None], (1, 1, 1, c))
     # lhs_dilation inserts up - 1 zeros *between* pixels; the up - 1 after the last one go into pad1.
     pads = [(pad0, pad1 + up - 1)] * 2
-    return jax.lax.conv_general_dilated(
+    return conv_general_dilated(
         x, w, window_strides=(down, down), padding=pads, lhs_dilation=(up, up),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
 
@@ -86,7 +87,7 @@ def upsample_conv_2d(x: jax.Array, w: jax.Array, k: Sequence[float] = (1, 3, 3, 
     k2 = fir_kernel_2d(k) * factor ** 2
     p = (k2.shape[0] - factor) - (r - 1)
     # transposed conv = correlation of the zero-inserted input, fully padded, with w
-    y = jax.lax.conv_general_dilated(
+    y = conv_general_dilated(
         x, w.astype(x.dtype), window_strides=(1, 1), padding=[(r - 1, r - 1)] * 2,
         lhs_dilation=(factor, factor), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return upfirdn_2d(y, k2, pad0=(p + 1) // 2 + factor - 1, pad1=p // 2 + 1)
@@ -99,7 +100,7 @@ def conv_downsample_2d(x: jax.Array, w: jax.Array, k: Sequence[float] = (1, 3, 3
     k2 = fir_kernel_2d(k)
     p = (k2.shape[0] - factor) + (r - 1)
     y = upfirdn_2d(x, k2, pad0=(p + 1) // 2, pad1=p // 2)
-    return jax.lax.conv_general_dilated(
+    return conv_general_dilated(
         y, w.astype(x.dtype), window_strides=(factor, factor), padding="VALID",
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -126,12 +127,14 @@ def group_norm(x: jax.Array, dtype: Dtype) -> jax.Array:
 def conv3x3(x: jax.Array, features: int, init_scale: float = 1.0, dtype: Dtype = jnp.float32,
             stride: int = 1, padding: Any = "SAME") -> jax.Array:
     return nn.Conv(features, kernel_size=(3, 3), strides=(stride, stride), padding=padding, dtype=dtype,
-                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)(x)
+                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
+                   conv_general_dilated=conv_general_dilated)(x)
 
 
 def conv1x1(x: jax.Array, features: int, init_scale: float = 1.0, dtype: Dtype = jnp.float32) -> jax.Array:
     return nn.Conv(features, kernel_size=(1, 1), padding="SAME", dtype=dtype,
-                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)(x)
+                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
+                   conv_general_dilated=conv_general_dilated)(x)
 
 
 class NIN(nn.Module):
@@ -177,7 +180,7 @@ class Conv2d(nn.Module):
         elif self.down:
             y = conv_downsample_2d(x, w, self.resample_kernel)
         else:
-            y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), (1, 1), "SAME",
+            y = conv_general_dilated(x, w.astype(x.dtype), (1, 1), "SAME",
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
         b = self.param("bias", nn.initializers.zeros, (self.fmaps,))
         return y + b.astype(y.dtype)

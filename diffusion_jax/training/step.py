@@ -11,9 +11,11 @@ checkpoint after it, so the last good checkpoint stays the latest.
 
 ``n_steps_per_call`` = k > 1 runs k steps in one compiled call (``lax.scan`` over k stacked global
 batches, sharded ``P(None, 'data')``), as score_sde's ``n_jitted_steps``: the same step function, k times
-fewer dispatches and host round trips. Measured on CPU: bitwise equal to single steps for the toy MLP;
-for the DDPM++ U-Net the loop body is compiled differently (1-ulp differences in the update, and XLA:CPU
-runs the rolled loop much slower), so on CPU keep k = 1 for U-Nets.
+fewer dispatches and host round trips, and bitwise equal to k single steps on CPU (toy MLP, DDPM++ and
+NCSN++ U-Nets: tests/test_training.py). For the U-Nets this holds because their convolutions
+(models/conv.py) spell their input and kernel gradients as canonical convolutions: with jax's own
+convolution VJP, XLA:CPU compiles those gradients differently inside the scan's while body (naive loop
+nests instead of Eigen: last-bit differences in the kernel gradients, and a much slower loop).
 """
 from __future__ import annotations
 
