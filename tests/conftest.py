@@ -75,6 +75,8 @@ SECONDS = {
     "test_losses.py::test_optimal_eps_attains_closed_form_minimum": 30,
     "test_marginal_sampling.py::test_per_example_times_broadcast_over_data_axes": 25,
     "test_compile_once.py::test_sharded_sampling_equals_unsharded": 38,
+    "test_training.py::test_n_steps_per_call_is_bitwise_equal_to_single_steps_for_the_unets[ncsnpp]": 82,
+    "test_training.py::test_n_steps_per_call_is_bitwise_equal_to_single_steps_for_the_unets[ddpmpp]": 51,
     "test_interop_gddim.py::test_import_then_bench_nfe_and_bpd": 70,
     "test_interop_gddim.py::test_forward_and_score_match_gddim_reference": 24,
     "test_interop_peers.py::test_imported_run_samples_and_bpd": 50,
