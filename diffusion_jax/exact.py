@@ -399,7 +399,7 @@ def _empirical_score_one(sde, data: Array, u: Array, t: Array, chunk: int = 1024
 
 # ----------------------------------------------------------------------------------------- batched API
 def _flat(sde, u: Array, t: Array, d: int | None = None) -> tuple[Array, Array, tuple[int, ...]]:
-    """(u as (batch, d, k), t as (batch,), data shape) from the library's (batch, *data, k) convention."""
+    """(u as (batch, d, k), t as (batch,) or a scalar, data shape) from the (batch, *data, k) convention."""
     u = jnp.asarray(u)
     k = sde.order
     if u.ndim < 2 or u.shape[-1] != k:
@@ -412,11 +412,16 @@ def _flat(sde, u: Array, t: Array, d: int | None = None) -> tuple[Array, Array, 
     if d is not None and size != d:
         raise ValueError(f"u has {size} data dimensions (shape {u.shape} = (batch, *data, k)), the data have {d}")
     t = jnp.asarray(t, jnp.result_type(u.dtype, float))
-    if t.ndim == 0:
-        t = jnp.broadcast_to(t, u.shape[:1])
+    if t.ndim == 0:          # one time for the batch: the per-time tables are computed once (not vmapped)
+        return u.reshape(u.shape[0], size, k), t, data
     if t.shape != u.shape[:1]:
         raise ValueError(f"t must be a scalar or have shape (batch,) = {u.shape[:1]}, got {t.shape}")
     return u.reshape(u.shape[0], size, k), t, data
+
+
+def _per_example(fn: Callable, uf: Array, tb: Array) -> Any:
+    """vmap ``fn(u, t)`` over the batch; a scalar t is shared (its per-time tables are computed once)."""
+    return jax.vmap(fn, in_axes=(0, 0 if jnp.ndim(tb) else None))(uf, tb)
 
 
 def _flat_data(data: Array) -> Array:
@@ -441,7 +446,7 @@ def mixture_log_density(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
     (w = V^T u and mu_i in mode coordinates for a modal family; m_j, C_ij the same for every j otherwise.)
     """
     uf, tb, _ = _flat(sde, u, t, mix.dim)
-    return jax.vmap(lambda a, b: _log_density_one(sde, mix, a, b))(uf, tb)
+    return _per_example(lambda a, b: _log_density_one(sde, mix, a, b), uf, tb)
 
 
 def mixture_score(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
@@ -455,7 +460,7 @@ def mixture_score(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
     accurate as the float32 state u resolves (see the module docstring).
     """
     uf, tb, _ = _flat(sde, u, t, mix.dim)
-    return jax.vmap(lambda a, b: _score_one(sde, mix, a, b))(uf, tb).reshape(jnp.shape(u))
+    return _per_example(lambda a, b: _score_one(sde, mix, a, b), uf, tb).reshape(jnp.shape(u))
 
 
 def mixture_denoiser(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
@@ -466,7 +471,7 @@ def mixture_denoiser(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
     For a modal family the same holds per mode in mode coordinates and the result is mapped back with V.
     """
     uf, tb, _ = _flat(sde, u, t, mix.dim)
-    return jax.vmap(lambda a, b: _denoiser_one(sde, mix, a, b))(uf, tb).reshape(jnp.shape(u)[:-1])
+    return _per_example(lambda a, b: _denoiser_one(sde, mix, a, b), uf, tb).reshape(jnp.shape(u)[:-1])
 
 
 def mixture_eps(sde, mix: GaussianMixture, u: Array, t: Array, K: Any = "R") -> Array:
@@ -482,10 +487,10 @@ def mixture_eps(sde, mix: GaussianMixture, u: Array, t: Array, K: Any = "R") -> 
     float32 target there.
     """
     uf, tb, _ = _flat(sde, u, t, mix.dim)
-    if isinstance(K, str) and K == "L":      # the factor _mixture_parts already has, bit for bit
-        return jax.vmap(lambda a, b: _eps_one(sde, mix, a, b))(uf, tb).reshape(jnp.shape(u))
+    if K == "L" or getattr(K, "kind", None) == "L":   # the factor _mixture_parts already has, bit for bit
+        return _per_example(lambda a, b: _eps_one(sde, mix, a, b), uf, tb).reshape(jnp.shape(u))
     root = _square_root_fn(sde, K)
-    return jax.vmap(lambda a, b: _eps_one(sde, mix, a, b, root(b)))(uf, tb).reshape(jnp.shape(u))
+    return _per_example(lambda a, b: _eps_one(sde, mix, a, b, root(b)), uf, tb).reshape(jnp.shape(u))
 
 
 def gls_estimate(sde, u: Array, t: Array) -> tuple[Array, Array]:
@@ -501,7 +506,7 @@ def gls_estimate(sde, u: Array, t: Array) -> tuple[Array, Array]:
     is anisotropic, -sum_j (xhat_j - (V^T y)_j)^2 / (2 sigma_eff,j^2).
     """
     uf, tb, data = _flat(sde, u, t)
-    xhat, s2 = jax.vmap(lambda a, b: _gls_one(sde, a, b))(uf, tb)
+    xhat, s2 = _per_example(lambda a, b: _gls_one(sde, a, b), uf, tb)
     batch = (uf.shape[0],)
     return xhat.reshape(batch + data), (s2.reshape(batch + data) if sde.mode_ndim else s2)
 
@@ -528,7 +533,7 @@ def empirical_denoiser(sde, data: Array, u: Array, t: Array, chunk: int = 1024) 
     """
     flat = _flat_data(data)
     uf, tb, _ = _flat(sde, u, t, flat.shape[1])
-    out = jax.vmap(lambda a, b: _empirical_denoiser_one(sde, flat, a, b, chunk))(uf, tb)
+    out = _per_example(lambda a, b: _empirical_denoiser_one(sde, flat, a, b, chunk), uf, tb)
     return out.reshape(jnp.shape(u)[:-1])
 
 
@@ -542,7 +547,7 @@ def empirical_score(sde, data: Array, u: Array, t: Array, chunk: int = 1024) -> 
     """
     flat = _flat_data(data)
     uf, tb, _ = _flat(sde, u, t, flat.shape[1])
-    return jax.vmap(lambda a, b: _empirical_score_one(sde, flat, a, b, chunk))(uf, tb).reshape(jnp.shape(u))
+    return _per_example(lambda a, b: _empirical_score_one(sde, flat, a, b, chunk), uf, tb).reshape(jnp.shape(u))
 
 
 def exact_eps_fn(sde, mix: GaussianMixture, K: Any = "R") -> Callable[[Array, Array], Array]:

@@ -1,17 +1,12 @@
-"""Test-session set-up: CPU platform, the tests folder on sys.path, and the xdist schedule.
+"""Test-session set-up: CPU platform, the tests folder on sys.path, and the xdist order.
 
-Scheduling under ``pytest -n N`` (``make test``): the suite's wall time on 2 workers is bounded below by its
-longest test plus whatever runs after it on the same worker, and a module-scoped fixture (a trained tiny run)
-is built once per worker that runs one of its tests. So, when xdist's default ``--dist load`` is in effect:
-
-* the tests of a module whose tests share an expensive module-scoped fixture (``GROUPED_MODULES``) form one
-  work unit, so the fixture is built once (``--dist loadgroup`` would do it, but xdist 3.8 names the group
-  through a node attribute that pytest 9 no longer reads);
-* the collection is ordered longest first (measured seconds in ``SECONDS`` below, groups by their total),
-  so the long tests start at once and the short ones fill the gaps at the end.
-
-Neither changes what any test does; a test missing from the table counts as short. An explicit ``--dist``
-other than ``load`` gets xdist's own scheduler, and a run without xdist keeps the file order.
+Under ``pytest -n N`` (``make test``) the suite's wall time on 2 workers is bounded below by its longest test
+plus whatever runs after it on the same worker. Each worker therefore orders the collection longest first
+(measured seconds in ``SECONDS`` below; a test missing from the table counts as short), so xdist's default
+``load`` scheduler hands out the long tests at once and the short ones fill the gaps at the end. The order does
+not change what any test does; a run without xdist keeps the file order. (A custom scope scheduler that kept
+the tests sharing a module fixture on one worker was tried and removed: after a crashed worker it stalled
+the run instead of replacing the worker.)
 """
 import os
 import sys
@@ -83,9 +78,6 @@ SECONDS = {
     "test_interop_peers.py::test_output_and_score_parity_with_the_reference": 28,
 }
 SHORT = 1.0
-# Modules whose tests share an expensive module-scoped fixture (a trained or imported run, a compiled network):
-# one xdist work unit each, so the fixture is built once.
-GROUPED_MODULES = {"test_bench_nfe.py", "test_interop.py", "test_report.py", "test_models.py"}
 
 
 def _seconds(item) -> float:
@@ -94,41 +86,9 @@ def _seconds(item) -> float:
     return SECONDS.get(key, SECONDS.get(base, SHORT))
 
 
-def _group(nodeid: str) -> str | None:
-    module = nodeid.split("::", 1)[0]
-    return module if os.path.basename(module) in GROUPED_MODULES else None
-
-
-@pytest.hookimpl(tryfirst=True, optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """xdist's "load" (the default of -n N), one work unit per test, but one per module in GROUPED_MODULES."""
-    if config.getvalue("dist") != "load":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class Scheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return _group(nodeid) or nodeid
-
-    config.option.loadscopereorder = False            # keep the collection's (longest first) order
-    return Scheduling(config, log)
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
     if not hasattr(config, "workerinput"):          # not an xdist worker: keep the file order
         return
-    totals: dict[str, float] = {}
-    for item in items:
-        group = _group(item.nodeid)
-        if group is not None:
-            totals[group] = totals.get(group, 0.0) + _seconds(item)
     position = {id(item): i for i, item in enumerate(items)}
-
-    def key(item):
-        group = _group(item.nodeid)
-        if group is not None:                       # the module's total; its tests stay together, in file order
-            return (-totals[group], group, position[id(item)])
-        return (-_seconds(item), "", position[id(item)])
-
-    items.sort(key=key)
+    items.sort(key=lambda item: (-_seconds(item), position[id(item)]))

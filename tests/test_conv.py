@@ -12,9 +12,32 @@ import numpy as np
 import pytest
 from jax import lax
 
-from diffusion_jax.models.conv import conv_general_dilated
+from diffusion_jax.models.conv import canonical_gradients, conv_general_dilated
 
 DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(autouse=True)
+def _canonical(request):
+    """The canonical-gradient path is what these tests check: active while each test traces (except
+    the test of the default path)."""
+    if request.node.name == "test_forward_mode_works_outside_the_training_context":
+        yield
+        return
+    with canonical_gradients():
+        yield
+
+
+def test_forward_mode_works_outside_the_training_context():
+    """Outside canonical_gradients the conv is lax's, so jax.jvp (the likelihood's divergence) works and
+    equals lax's; inside, it is a custom_vjp, which forward mode refuses."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 4)), jnp.float32)
+    f = lambda x: conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)       # noqa: E731
+    g = lambda x: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)   # noqa: E731
+    np.testing.assert_array_equal(np.asarray(jax.jvp(f, (x,), (x,))[1]), np.asarray(jax.jvp(g, (x,), (x,))[1]))
+    with canonical_gradients(), pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(f, (x,), (x,))
 # (x shape NHWC, w shape HWIO, strides, padding, lhs_dilation): 'SAME' 3x3 and 1x1 (U-Net layers),
 # stride 2 with explicit / VALID pads (strided and FIR-downsampling convs), lhs dilation 2 (the
 # transposed conv of FIR upsampling), uneven kernel/strides/pads, grouped (feature_group_count).

@@ -25,11 +25,18 @@ gradient (per group, in and out swapped) and jax's own kernel gradient (their ke
 there; a trainable grouped kernel would keep jax's last-bit differences inside loops).
 Batch-grouped or kernel-dilated convolutions and other layouts go to ``lax.conv_general_dilated``
 unchanged (jax's own VJP).
+
+Scope: a ``custom_vjp`` function cannot be differentiated in forward mode (``jax.jvp``), which the
+likelihood's divergence and other analyses use on the same networks. So the canonical-gradient
+convolution is used only while :func:`canonical_gradients` is active when the function is *traced*
+(the training step enters it around its loss and gradient); everywhere else this is lax's convolution.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from functools import partial
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +47,20 @@ _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))     # lhs / rhs / out specs o
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
+_TRACE = threading.local()
+
+
+@contextlib.contextmanager
+def canonical_gradients() -> Iterator[None]:
+    """Within this context (at trace time) the library's convolutions get the canonical-form VJP."""
+    previous = getattr(_TRACE, "on", False)
+    _TRACE.on = True
+    try:
+        yield
+    finally:
+        _TRACE.on = previous
+
+
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
                          lhs_dilation: Optional[Sequence[int]] = None,
                          rhs_dilation: Optional[Sequence[int]] = None,
@@ -48,16 +69,16 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                          preferred_element_type: Any = None) -> Array:
     """Drop-in for ``lax.conv_general_dilated`` (and flax ``nn.Conv(conv_general_dilated=...)``).
 
-    For 2-D NHWC / HWIO convolutions without batch groups or kernel dilation the input and kernel
-    gradients are the canonical-form convolutions of the module docstring (the same sums as jax's
-    VJP); everything else is passed to lax unchanged. Forward values are lax's.
+    Inside :func:`canonical_gradients`, for 2-D NHWC / HWIO convolutions without batch groups or kernel
+    dilation the input and kernel gradients are the canonical-form convolutions of the module docstring
+    (the same sums as jax's VJP); everything else is passed to lax unchanged. Forward values are lax's.
     """
     plain = partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
                     lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                     dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                     batch_group_count=batch_group_count, precision=precision,
                     preferred_element_type=preferred_element_type)
-    if lhs.ndim != 4 or rhs.ndim != 4 or batch_group_count != 1:
+    if not getattr(_TRACE, "on", False) or lhs.ndim != 4 or rhs.ndim != 4 or batch_group_count != 1:
         return plain(lhs, rhs)
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     if (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) != _NHWC:

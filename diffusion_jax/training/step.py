@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffusion_jax.models.conv import canonical_gradients
 from diffusion_jax.training.losses import check_loss_options, score_matching_loss
 from diffusion_jax.training.setup import Experiment, shardings
 from diffusion_jax.training.state import TrainState
@@ -47,7 +48,8 @@ def train_step_fn(exp: Experiment) -> Callable[[TrainState, Array], tuple[TrainS
                                           objective=cfg.objective, weighting=cfg.weighting, t_eps=cfg.t_eps)
             return loss
 
-        loss, grads = jax.value_and_grad(loss_of)(state.params)
+        with canonical_gradients():     # the same conv gradients at top level and inside lax.scan
+            loss, grads = jax.value_and_grad(loss_of)(state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = exp.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
