@@ -49,17 +49,9 @@ CASES = [("vp", {}, "hsm", "R"), ("cld", {}, "hsm", "R"), ("cld", {}, "dsm", "R"
          ("psld", {}, "hsm", "L"), ("psld", {}, "dsm", "R")]
 
 
-# Open problem: on the current main the compiled loss of this one case deadlocks in XLA:CPU on its second call
-# (no CPU use, the main thread waits for the result buffer; reproducible when run alone, with the batched
-# exact.mixture_eps and with the old per-state graph alike). Skipped so that the suite cannot hang.
-HANGS = {("likelihood", "cdhold", "dsm", "L")}
-
-
 @pytest.mark.parametrize("name,params,objective,K", CASES)
 @pytest.mark.parametrize("weighting", ["eps", "likelihood"])
 def test_optimal_eps_attains_closed_form_minimum(name, params, objective, K, weighting):
-    if (weighting, name, objective, K) in HANGS:
-        pytest.skip("deadlocks in XLA:CPU on this main (open problem, see HANGS)")
     sde = families.make(name, **params)
     sqrt = square_root(sde, K)
     mix = exact.GaussianMixture.create(np.full((1, DIM), MU), VAR)
