@@ -2,14 +2,18 @@
 
 Under ``pytest -n N`` (``make test``) the suite's wall time on 2 workers is bounded below by its longest test
 plus whatever runs after it on the same worker. Each worker therefore orders the collection longest first
-(measured seconds in ``SECONDS`` below; a test missing from the table counts as short), so xdist's default
-``load`` scheduler hands out the long tests at once and the short ones fill the gaps at the end. The order does
+(measured seconds in ``SECONDS`` below; a test missing from the table counts as short), and the controller hands
+tests out one at a time (``--maxschedchunk 1`` unless given): xdist's ``load`` scheduler would otherwise send each
+worker a first chunk of a quarter of its share, consecutive in that order, so one worker would get all of the
+longest tests (measured: a 5-minute tail on one worker). The order does
 not change what any test does; a run without xdist keeps the file order. (A custom scope scheduler that kept
 the tests sharing a module fixture on one worker was tried and removed: after a crashed worker it stalled
 the run instead of replacing the worker.)
 """
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -17,65 +21,112 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
-# Seconds per test (per parametrised instance), measured with --durations on 2 loaded cores (call + setup);
-# only the order matters. Keys: "file::test" for every instance, or "file::test[id]" for one instance.
+# One XLA compilation cache for the whole test session: the xdist workers and the training / benchmark
+# processes the tests start compile many identical programs (the same toy configs, samplers and U-Net steps),
+# so each is compiled once per session instead of once per process. Set up by the controller (its environment
+# reaches the workers and their subprocesses); an explicit JAX_COMPILATION_CACHE_DIR is left alone. Compile
+# counting is unaffected: jax logs "Finished XLA compilation" for a cache hit too (CompileLog).
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="diffusion_jax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+# Seconds per test (per parametrised instance, call + setup), from `pytest -n 2 --durations=120` on 2 cores with a
+# third process busy; only the order matters. Keys: "file::test" for every instance, or "file::test[id]" for one instance.
 SECONDS = {
-    "test_multihost.py::test_two_processes_equal_one_and_survive_kill_and_preemption": 400,
-    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32": 60,
-    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32[cdhold4]": 350,
-    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32[cld]": 116,
-    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32[vp]": 99,
-    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32[told]": 95,
-    "test_solver_accuracy.py::test_convergence_order_windows": 50,
-    "test_samplers.py::test_convergence_orders_on_exact_mixture_scores": 260,
-    "test_samplers.py::test_gddim_with_R_is_exact_on_a_single_point_and_L_is_not": 40,
-    "test_samplers.py::test_gddim_with_R_is_exact_on_a_single_point_and_L_is_not[cdhold4]": 144,
-    "test_samplers.py::test_diffrax_nfe_formula_matches_counted_evaluations": 83,
-    "test_interop.py::test_imported_run_samples_and_bpd": 227,
-    "test_interop.py::test_imported_score_equals_reference_score_function": 68,
-    "test_bench_nfe.py::test_bench_nfe_cells_nfe_noise_and_resume": 200,
-    "test_bench_nfe.py::test_bpd_of_tiny_run": 64,
-    "test_bench_nfe.py::test_bench_nfe_compiles_once_per_cell_over_three_batches": 37,
-    "test_bdm.py::test_tiny_digits_bdm_run_trains_samples_and_benchmarks": 136,
-    "test_notebooks.py::test_notebook_runs_from_notebooks_dir": 70,
-    "test_notebooks.py::test_notebook_runs_from_notebooks_dir[03_nfe_vs_quality]": 93,
-    "test_notebooks.py::test_setup_cell_runs_from_repo_root": 20,
-    "test_likelihood.py::test_full_state_exact_trace_matches_closed_form": 42,
-    "test_likelihood.py::test_k1_exact_trace_matches_closed_form": 24,
-    "test_likelihood.py::test_hutchinson_mean_matches_exact_trace": 47,
-    "test_training.py::test_toy_training_learns_the_ring": 60,
-    "test_training.py::test_same_result_on_8_devices_and_on_1": 112,
-    "test_training.py::test_sigterm_saves_at_the_next_step_and_resumes_exactly": 91,
-    "test_training.py::test_bfloat16_compute_and_periodic_samples": 72,
-    "test_training.py::test_unreadable_newest_checkpoint_falls_back_and_deletes_nothing": 69,
-    "test_training.py::test_n_steps_per_call_is_bitwise_equal_to_single_steps": 68,
-    "test_training.py::test_nan_stops_and_keeps_last_good_checkpoint": 43,
-    "test_training.py::test_periodic_sampling_compiles_once": 42,
-    "test_training.py::test_load_run_uses_the_config_in_the_checkpoint": 38,
-    "test_field_family.py::test_field_model_trains_through_the_training_loop": 89,
-    "test_ncsnpp.py::test_bfloat16_compute_stays_close": 70,
-    "test_models.py::test_ddpmpp_jit_shape_and_determinism": 67,
-    "test_models.py::test_ddpmpp_bf16": 29,
-    "test_report.py::test_report_on_a_tiny_bdm_run": 61,
-    "test_report.py::test_optimal_denoiser_plus_constant": 52,
-    "test_report.py::test_report_on_trained_toy_run": 48,
-    "test_report.py::test_analyze_bdm_images_with_optimal_denoiser_plus_constant": 35,
-    "test_exact.py::test_bdm_empirical_denoiser_and_score_match_float64_softmax": 30,
-    "test_exact.py::test_finite_at_t_min": 28,
-    "test_exact.py::test_empirical_chunking_and_vmap_over_time": 28,
-    "test_metrics.py::test_flax_port_matches_numpy_reference_through_pth_loader": 49,
-    "test_metrics.py::test_sharded_features_and_grayscale_in_subprocess": 34,
-    "test_fields.py::test_large_d_sampler_matches_ve_edm": 36,
-    "test_subvp.py::test_subvp_learns_the_ring": 35,
-    "test_losses.py::test_optimal_eps_attains_closed_form_minimum": 30,
-    "test_marginal_sampling.py::test_per_example_times_broadcast_over_data_axes": 25,
-    "test_compile_once.py::test_sharded_sampling_equals_unsharded": 38,
-    "test_training.py::test_n_steps_per_call_is_bitwise_equal_to_single_steps_for_the_unets[ncsnpp]": 82,
-    "test_training.py::test_n_steps_per_call_is_bitwise_equal_to_single_steps_for_the_unets[ddpmpp]": 51,
-    "test_interop_gddim.py::test_import_then_bench_nfe_and_bpd": 70,
-    "test_interop_gddim.py::test_forward_and_score_match_gddim_reference": 24,
-    "test_interop_peers.py::test_imported_run_samples_and_bpd": 50,
-    "test_interop_peers.py::test_output_and_score_parity_with_the_reference": 28,
+    "test_multihost.py::test_two_processes_equal_one_and_survive_kill_and_preemption": 219,
+    "test_bdm.py::test_tiny_digits_bdm_run_trains_samples_and_benchmarks": 54,
+    "test_notebooks.py::test_notebook_runs_from_notebooks_dir[03_nfe_vs_quality]": 49,
+    "test_training.py::test_same_result_on_8_devices_and_on_1": 46,
+    "test_training.py::test_n_steps_per_call_is_bitwise_equal_to_single_steps_for_the_unets[ncsnpp]": 45,
+    "test_field_family.py::test_field_model_trains_through_the_training_loop": 38,
+    "test_interop_peers.py::test_imported_run_samples_and_bpd[cld_sgm]": 33,
+    "test_bench_nfe.py::test_bench_nfe_cells_nfe_noise_and_resume": 33,
+    "test_interop_peers.py::test_imported_run_samples_and_bpd[psld]": 31,
+    "test_samplers.py::test_diffrax_nfe_formula_matches_counted_evaluations": 31,
+    "test_samplers.py::test_convergence_orders_on_exact_mixture_scores": 30,
+    "test_training.py::test_sigterm_saves_at_the_next_step_and_resumes_exactly": 30,
+    "test_interop_peers.py::test_cld_sgm_position_part_implies_the_same_denoiser": 29,
+    "test_samplers.py::test_gddim_with_R_is_exact_on_a_single_point_and_L_is_not[cdhold4]": 27,
+    "test_interop.py::test_imported_run_samples_and_bpd": 27,
+    "test_interop_gddim.py::test_import_then_bench_nfe_and_bpd": 26,
+    "test_notebooks.py::test_notebook_runs_from_notebooks_dir[02_trajectory_geometry]": 26,
+    "test_bench_nfe.py::test_bpd_of_tiny_run": 24,
+    "test_training.py::test_n_steps_per_call_is_bitwise_equal_to_single_steps_for_the_unets[ddpmpp]": 24,
+    "test_solver_accuracy.py::test_higher_order_is_more_accurate_at_fixed_nfe": 22,
+    "test_bench_nfe.py::test_fid_without_weights_fails_before_sampling": 22,
+    "test_bench_nfe.py::test_bench_nfe_compiles_once_per_cell_over_three_batches": 21,
+    "test_report.py::test_report_on_trained_toy_run": 18,
+    "test_training.py::test_toy_training_learns_the_ring[toy2d_cld.py]": 15,
+    "test_models.py::test_ddpmpp_bf16": 14,
+    "test_training.py::test_bfloat16_compute_and_periodic_samples": 13,
+    "test_training.py::test_unreadable_newest_checkpoint_falls_back_and_deletes_nothing": 13,
+    "test_models.py::test_ddpmpp_dropout_active_in_training": 13,
+    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32[told]": 12,
+    "test_training.py::test_n_steps_per_call_is_bitwise_equal_to_single_steps": 12,
+    "test_interop_peers.py::test_output_and_score_parity_with_the_reference[cld_sgm]": 12,
+    "test_report.py::test_report_on_a_tiny_bdm_run": 12,
+    "test_training.py::test_toy_training_learns_the_ring[toy2d_vp.py]": 11,
+    "test_compile_once.py::test_sharded_sampling_equals_unsharded": 10,
+    "test_analysis.py::test_score_deviation_with_a_known_denoiser_offset": 9,
+    "test_ncsnpp.py::test_bfloat16_compute_stays_close": 9,
+    "test_likelihood.py::test_auxiliary_bound[cld]": 9,
+    "test_bdm.py::test_loss_at_the_gaussian_optimum[eps]": 9,
+    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32[vp]": 9,
+    "test_metrics.py::test_flax_port_matches_numpy_reference_through_pth_loader": 9,
+    "test_models.py::test_ddpmpp_jit_shape_and_determinism": 9,
+    "test_metrics.py::test_sharded_features_and_grayscale_in_subprocess": 9,
+    "test_likelihood.py::test_auxiliary_bound[psld]": 9,
+    "test_param.py::test_r_squares_to_sigma[cdhold6]": 9,
+    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32[cld]": 8,
+    "test_notebooks.py::test_notebook_runs_from_notebooks_dir[01_family_zoo]": 8,
+    "test_learned_robust.py::test_history_gain_within_bound_and_single_point_exact": 8,
+    "test_training.py::test_periodic_sampling_compiles_once": 8,
+    "test_solver_accuracy.py::test_convergence_order_windows[q0c-1]": 8,
+    "test_training.py::test_nan_stops_and_keeps_last_good_checkpoint": 8,
+    "test_training.py::test_load_run_uses_the_config_in_the_checkpoint": 8,
+    "test_interop_peers.py::test_cld_sgm_velocity_score_formula_with_its_numerical_eps[1e-09]": 8,
+    "test_analysis.py::test_pf_ode_with_optimal_denoiser_converges_to_training_points[cld-0.001]": 7,
+    "test_bench_nfe.py::test_bpd_is_exact_for_the_gaussian_reference_model": 7,
+    "test_likelihood.py::test_hutchinson_mean_matches_exact_trace": 7,
+    "test_subvp.py::test_subvp_learns_the_ring": 7,
+    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32[cdhold5]": 7,
+    "test_likelihood.py::test_full_state_exact_trace_matches_closed_form[cld]": 7,
+    "test_analysis.py::test_pf_ode_with_optimal_denoiser_converges_to_training_points[vp-None]": 6,
+    "test_report.py::test_optimal_denoiser_plus_constant[0.0]": 6,
+    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32[cdhold6]": 6,
+    "test_interop.py::test_imported_score_equals_reference_score_function": 6,
+    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32[cdhold4]": 6,
+    "test_likelihood.py::test_full_state_exact_trace_matches_closed_form[cdhold]": 6,
+    "test_sde_core.py::test_grad_of_covariance_matches_moment_equation": 6,
+    "test_analysis.py::test_bdm_score_deviation_of_the_exact_optimal_denoiser_is_zero": 6,
+    "test_interop_gddim.py::test_forward_and_score_match_gddim_reference[released]": 6,
+    "test_report.py::test_analyze_bdm_images_with_optimal_denoiser_plus_constant": 6,
+    "test_fields.py::test_large_d_sampler_matches_ve_edm": 6,
+    "test_compile_once.py::test_lowered_sampler_does_not_grow_with_the_weights": 6,
+    "test_samplers.py::test_gddim_with_R_is_exact_on_a_single_point_and_L_is_not[told]": 5,
+    "test_sde_core.py::test_transition_and_covariance_match_float64_ode[cld]": 5,
+    "test_bdm.py::test_gddim_is_exact_on_a_single_point": 5,
+    "test_sde_core.py::test_vmap_matches_batched_call": 5,
+    "test_field_family.py::test_training_loss_draws_the_kernel_noise": 5,
+    "test_param.py::test_r_squares_to_sigma[vp]": 5,
+    "test_likelihood.py::test_auxiliary_bound[cdhold]": 5,
+    "test_analysis.py::test_pf_ode_with_optimal_denoiser_converges_to_training_points[ve-None]": 5,
+    "test_solver_accuracy.py::test_every_order_is_exact_on_a_single_point_in_float32[psld]": 5,
+    "test_models.py::test_ddpmpp_cifar10_param_count": 5,
+    "test_bdm.py::test_conversions_round_trip_and_score": 5,
+    "test_marginal_sampling.py::test_marginal_samples_have_closed_form_moments[cdhold-params3-0.05]": 5,
+    "test_param.py::test_r_squares_to_sigma[cdhold5]": 5,
+    "test_bdm.py::test_stochastic_samplers_reach_the_single_point_law[euler_maruyama-opts1]": 4,
+    "test_losses.py::test_optimal_eps_attains_closed_form_minimum[likelihood-cdhold-params5-hsm-R]": 4,
+    "test_samplers.py::test_trajectory_and_denoiser_outputs": 4,
+    "test_param.py::test_r_solves_its_ode": 4,
+    "test_samplers.py::test_gddim_with_R_is_exact_on_a_single_point_and_L_is_not[cld]": 4,
+    "test_exact.py::test_bdm_empirical_denoiser_and_score_match_float64_softmax[4x4x2]": 4,
+    "test_exact.py::test_bdm_mixture_eps_checks_the_square_root_shape": 4,
+    "test_exact.py::test_bdm_empirical_denoiser_and_score_match_float64_softmax[4x4x1]": 4,
 }
 SHORT = 1.0
 
@@ -92,3 +143,14 @@ def pytest_collection_modifyitems(session, config, items):
         return
     position = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (-_seconds(item), position[id(item)]))
+
+
+def pytest_configure(config):
+    # One test at a time from the longest-first queue (greedy longest-processing-time scheduling); see above.
+    if getattr(config.option, "maxschedchunk", 1) is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)      # the session's own temporary cache
