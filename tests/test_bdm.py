@@ -262,8 +262,8 @@ def frechet_distance_by_eigenvalues(a, b):
 
 
 def test_tiny_digits_bdm_run_trains_samples_and_benchmarks(tmp_path):
-    """The whole path on bdm with no family-specific code: train 6 steps, then bench-nfe with gddim (order 0)
-    and euler. Every cell's samples equal a float64 pixel-space re-computation from the paper's a_f(t), sigma_t
+    """The whole path on bdm with no family-specific code: train 6 steps, then bench-nfe with gddim (eps form,
+    order 0) and euler. Every cell's samples equal a float64 pixel-space re-computation from the paper's a_f(t), sigma_t
     with the trained network as a black box, and the recorded fd-pixels values equal a Frechet distance
     computed here from those samples and the training split."""
     from diffusion_jax.data import load_split
@@ -281,8 +281,8 @@ def test_tiny_digits_bdm_run_trains_samples_and_benchmarks(tmp_path):
     assert out["step"] == 6
     n = 16
     res = bench_nfe.run(str(tmp_path / "run"), loaded=(out["experiment"], out["state"]), verbose=False,
-                        samplers="gddim:order=0,euler", nfes="3,6", metric="fd-pixels", n_samples=n, seed=0,
-                        out=str(tmp_path / "bench"))
+                        samplers="gddim:order=0:predict=eps,euler", nfes="3,6", metric="fd-pixels", n_samples=n,
+                        seed=0, out=str(tmp_path / "bench"))
     rows = {(r["sampler"], int(r["nfe_budget"])): r for r in bench_nfe.read_results(res["csv"])}
     exp = out["experiment"]
     _, params = pick_ema(out["state"])
@@ -293,7 +293,7 @@ def test_tiny_digits_bdm_run_trains_samples_and_benchmarks(tmp_path):
     floor = rows[("data:test", 0)]
     held = load_split(c, "test")[:int(floor["n_used"])]
     assert abs(float(floor["value"]) - frechet_distance_by_eigenvalues(held, data)) < 1e-6 * float(floor["value"])
-    for label, method in (("gddim:order=0", "ddim"), ("euler", "euler")):
+    for label, method in (("gddim:order=0:predict=eps", "ddim"), ("euler", "euler")):
         for nfe in (3, 6):
             row = rows[(label, nfe)]
             assert int(row["nfe"]) == nfe + 1                        # the solve plus the denoising step

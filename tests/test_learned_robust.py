@@ -18,7 +18,7 @@ import pytest
 
 from diffusion_jax import sdes
 from diffusion_jax.param import square_root
-from diffusion_jax.samplers import exponential, prior_init, sample
+from diffusion_jax.samplers import exponential, prior_init, sample, time_grid
 from diffusion_jax.samplers.plan import make_plan
 
 from test_samplers import dirac_denoiser, reference_dirac_pf_ode
@@ -35,8 +35,7 @@ def _gain(sde, t, t_next):
 def test_guard_grid_bounds_every_step(name, params):
     sde = sdes.make(name, **params)
     sqrt = square_root(sde, "R")
-    plan = make_plan(sde, "gddim", 5, "R", predict="denoiser")               # the tuned grid: a huge first step
-    ts = plan.ts
+    ts = time_grid(sde, 5, "power", t_end=1e-3, rho=6.0)                     # a huge first step
     assert _gain(sde, ts[0], ts[1]) > 20.0
     guarded = exponential.guard_grid(sde, sqrt, ts, 5.0)
     assert len(guarded) == len(ts) and guarded[0] == ts[0] and guarded[-1] == ts[-1]
@@ -48,8 +47,10 @@ def test_guard_grid_bounds_every_step(name, params):
     loose = exponential.guard_grid(sde, sqrt, guarded, 1e6)
     assert np.array_equal(loose, guarded)
     # the plan applies it with max_gain, and says so
-    p2 = make_plan(sde, "gddim", 5, "R", predict="denoiser", max_gain=5.0)
-    assert np.allclose(p2.ts, guarded) and "guarded" in p2.meta["grid"]
+    p2 = make_plan(sde, "gddim", 5, "R", max_gain=5.0, t_end=1e-3)
+    assert "guarded" in p2.meta["grid"] and np.allclose(
+        p2.ts, exponential.guard_grid(sde, sqrt, make_plan(sde, "gddim", 5, "R", max_gain=math.inf,
+                                                           t_end=1e-3).ts, 5.0))
 
 
 def test_history_gain_within_bound_and_single_point_exact():
@@ -61,8 +62,11 @@ def test_history_gain_within_bound_and_single_point_exact():
     for i in range(v.shape[0]):
         g = sum(np.linalg.norm(v[i, j]) / w_norm[i - j] for j in range(1, v.shape[1]) if i - j >= 0)
         assert g <= 5.0 * (1 + 1e-6), (i, g)
-    unguarded = make_plan(sde, "gddim", 10, "R", predict="denoiser")
-    assert sum(plan.meta["orders"]) < sum(unguarded.meta["orders"])         # the bound did lower orders
+    unguarded = make_plan(sde, "gddim", 10, "R", predict="denoiser", max_gain=math.inf, grid="power", rho=4.0,
+                          order=3, corrector=3)
+    bounded = make_plan(sde, "gddim", 10, "R", predict="denoiser", max_gain=5.0, grid="power", rho=4.0, order=3,
+                        corrector=3)
+    assert sum(bounded.meta["orders"]) < sum(unguarded.meta["orders"])      # the bound did lower orders
     # a single data point stays exact (float32, relative to the state's scale)
     u0 = prior_init(sde, jax.random.PRNGKey(0), 3, (2,))
     ref = reference_dirac_pf_ode(sde, u0, 1e-3)
@@ -78,7 +82,11 @@ def test_max_gain_bad_input():
         make_plan(sde, "gddim", 5, "R", predict="denoiser", max_gain=0.0)
     with pytest.raises(ValueError, match="needs predict='denoiser'"):
         make_plan(sde, "gddim", 5, "R", predict="eps", max_gain=5.0)
-    assert math.isinf(make_plan(sde, "gddim", 5, "R", predict="denoiser").meta["max_gain"])
+    # the default carries the bound it was tuned under; inf turns it off
+    from diffusion_jax.samplers import defaults
+    assert make_plan(sde, "gddim", 5, "R").meta["max_gain"] == defaults.gain_at(
+        defaults.load_table()["setup"]["max_gain"], 5)
+    assert math.isinf(make_plan(sde, "gddim", 5, "R", max_gain=math.inf).meta["max_gain"])
 
 
 def test_peers_without_diffusers_names_the_extra(monkeypatch):
@@ -92,3 +100,25 @@ def test_peers_without_diffusers_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_diffusers)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[peers\]'"):
         bench_solvers.main(["--peers", "--nfe", "5"])
+
+
+def test_tuner_measures_candidates_under_the_bound(tmp_path):
+    """bench-solvers --tune with a bound: the stored grid (the one that ran) is within it, the entry and the
+    table's setup record it, and it is not the unguarded power grid (whose first step exceeds the bound)."""
+    from diffusion_jax.apps import bench_solvers
+    from diffusion_jax.samplers import defaults
+    path = str(tmp_path / "tuned.json")
+    table = bench_solvers.tune(path, families=("vp",), nfes=(4,), n_samples=8, rhos=(6.0,), rounds=1,
+                               descent_max_nfe=4, max_gain={4: 3.0, 20: 50.0})
+    sde = sdes.make("vp")
+    e = table["entries"][defaults.family_key(sde)]["4"]
+    assert e["max_gain"] == 3.0 and table["setup"]["max_gain"] == {"4": 3.0, "20": 50.0}
+    ts = defaults.power_grid(np.asarray(e["s"]), e["rho"], sde.T, 1e-3)
+    gains = [_gain(sde, ts[i], ts[i + 1]) for i in range(len(ts) - 2)]
+    assert max(gains) <= 3.0 * (1 + 1e-6), gains
+    assert _gain(sde, *time_grid(sde, 4, "power", t_end=1e-3, rho=6.0)[:2]) > 3.0
+    # the plan reads it back: nothing chosen -> this grid and bound
+    cfg = defaults.gddim_defaults(sde, 4, sde.T, 1e-3, table=defaults.load_table(path))
+    assert cfg["max_gain"] == 3.0 and np.allclose(cfg["ts"], ts)
+    with pytest.raises(ValueError, match="max_gain must be > 0"):
+        bench_solvers.tune(path, families=("vp",), nfes=(4,), max_gain=0.0)

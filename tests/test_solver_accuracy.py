@@ -6,7 +6,9 @@
   cdhold n = 4, 5, 6;
 * convergence orders on exact mixture scores (CLD, T -> 0.1): disjoint slope windows per order and a
   fixed-NFE error ratio between consecutive orders;
-* the defaults: ``sample(method="gddim", nfe=N, predict="denoiser")`` runs the stored configuration; the fallback rules.
+* the defaults: ``sample(method="gddim", nfe=N)`` with nothing chosen runs the denoiser form with the stored
+  configuration and its eps-error gain bound (every stored grid within its bound, recomputed here); the eps
+  form on request; the fallback rules.
 """
 import functools
 import os
@@ -118,7 +120,7 @@ def test_every_order_is_exact_on_a_single_point_in_float32(name, params):
         bad = [(case, float(e)) for case, e in zip(cases, errs) if not e <= SINGLE_POINT_TOL]
         assert not bad, (form, "(nfe, order, corrector), error", bad[:8])
     # the public entry point (the compiled scans; the denoiser form with its tuned defaults) keeps it too
-    for kw in (dict(predict="denoiser"), dict(predict="eps", order=3)):
+    for kw in (dict(), dict(predict="denoiser", max_gain=float("inf")), dict(predict="eps", order=3)):
         u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END, **kw)
         err = np.abs(np.asarray(u, np.float64) - ref).max() / scale
         assert info.nfe == 10 and err <= SINGLE_POINT_TOL, (info.config, err)
@@ -177,15 +179,56 @@ def test_defaults_come_from_the_stored_table():
     cfg = defaults.gddim_defaults(sde, 10, sde.T, T_END)
     expect = defaults.power_grid(np.asarray(e["s"]), e["rho"], sde.T, T_END)
     assert np.allclose(cfg["ts"], expect, rtol=1e-12) and cfg["order"] == e["order"]
+    assert cfg["max_gain"] == e["max_gain"] == defaults.gain_at(table["setup"]["max_gain"], 10)
     u0 = prior_init(sde, jax.random.PRNGKey(0), 2, (2,))
-    u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END,
-                     predict="denoiser")
-    assert np.allclose(info.ts, expect, rtol=1e-12)
+    # nothing chosen: the denoiser form with the stored configuration and bound (the stored grid is already
+    # within its bound, so the plan's guard leaves it as stored)
+    u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END)
+    assert info.config["predict"] == "denoiser" and info.config["max_gain"] == e["max_gain"]
+    assert np.allclose(info.ts, expect, rtol=1e-9)
     assert info.config["order"] == e["order"] and info.config["corrector"] == e["corrector"]
     # an explicit choice overrides only what it names
-    _, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END, order=1,
-                     predict="denoiser")
-    assert info.config["order"] == 1 and np.allclose(info.ts, expect, rtol=1e-12)
+    _, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END, order=1)
+    assert info.config["order"] == 1 and np.allclose(info.ts, expect, rtol=1e-9)
+    assert info.config["max_gain"] == e["max_gain"] and info.config["predict"] == "denoiser"
+    _, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END,
+                     max_gain=float("inf"))
+    assert info.config["order"] == e["order"] and np.isinf(info.config["max_gain"])
+    # the eps form on request (order 1, uniform grid), and with noise (lam > 0) where it is the only form
+    _, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END,
+                     predict="eps")
+    assert info.config == dict(order=1, corrector=-1, predict="eps", grid="uniform")
+    _, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END, lam=1.0,
+                     key=jax.random.PRNGKey(1))
+    assert info.config["predict"] == "eps"
+
+
+def _step_gain(sde, t, t_next):
+    """|m_{t_next}| / |R_t^{-1} m_t| from the Cholesky factor of Sigma_t (|w| is the same for every root)."""
+    m = lambda s: sde.transition_np(t=s, s=0.0)[:, 0]
+    w = np.linalg.solve(np.linalg.cholesky(sde.covariance_np(t)), m(t))
+    return np.linalg.norm(m(t_next)) / np.linalg.norm(w)
+
+
+def test_stored_grids_are_within_their_gain_bound():
+    """The tuner measured every candidate under the bound (bench-solvers --tune): each stored grid's steps
+    (all but the last, which the guard never moves) have eps-error gain <= the entry's max_gain."""
+    table = defaults.load_table()
+    assert table["setup"]["max_gain"] is not None
+    names = {"vp": ("vp", {}), "cld": ("cld", {}), "psld": ("psld", {}), "told": ("told", {}),
+             "cdhold": ("cdhold", {"n": 4})}
+    for name, params in names.values():
+        sde = sdes.make(name, **params)
+        entry = table["entries"][defaults.family_key(sde)]
+        assert {"5", "10", "20", "50"} <= set(entry), (name, sorted(entry))
+        for nfe, e in entry.items():
+            bound = defaults.gain_at(table["setup"]["max_gain"], int(nfe))
+            assert e["max_gain"] == bound and 0 < bound < np.inf, (name, nfe, e["max_gain"])
+            ts = defaults.power_grid(np.asarray(e["s"]), e["rho"], sde.T, T_END)
+            gains = [_step_gain(sde, ts[i], ts[i + 1]) for i in range(len(ts) - 2)]
+            # 1e-5: the R root and the Cholesky factor of a near-singular Sigma (cond 4e7 for cdhold4 at
+            # t = 1e-3) agree on |w| to ~1e-6 relative in float64; an unguarded grid exceeds the bound by far more
+            assert max(gains) <= bound * (1 + 1e-5), (name, nfe, max(gains))
 
 
 def test_default_fallbacks():
@@ -199,6 +242,7 @@ def test_default_fallbacks():
     other = sdes.make("cld", beta=2.0)
     cfg = defaults.gddim_defaults(other, 12, other.T, T_END)
     assert cfg["source"] == "generic" and cfg["order"] == defaults.GENERIC["order"]
+    assert np.isinf(cfg["max_gain"])        # the bound is tuned per family: none for an untuned one
     assert np.allclose(cfg["ts"], time_grid(other, 12, "power", t_end=T_END, rho=defaults.GENERIC["rho"]))
     # orders are capped by the history the NFE allows
     cfg = defaults.gddim_defaults(cld, 2, cld.T, T_END)

@@ -6,7 +6,9 @@ T to t_end = 1e-3; the error is the mean L2 distance of the data coordinate to a
 solve (diffrax Dopri5, rtol = atol = 1e-7) from the same initial state. Stochastic samplers are scored by
 the sliced Wasserstein distance of their data coordinate to true mixture samples (same for all).
 
-``gddim_default`` is ``sample(method="gddim", nfe=N, predict="denoiser")`` with nothing else chosen (the tuned configuration); the ``gddimD_*`` entries
+``gddim_default`` is ``sample(method="gddim", nfe=N)`` with nothing else chosen (the denoiser form with the
+configuration tuned under its eps-error gain bound); ``gddim_q1`` is the eps form's order 1 on the uniform grid
+(the library default before the tuned bounded one); the ``gddimD_*`` entries
 are the denoiser-form multistep (order q, corrector c or none, power grid with exponent p). The summary
 (``bench_solvers_best.md``) gives per family and NFE the best deterministic configuration tried and the
 default's error and ratio to it.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 
@@ -31,7 +34,7 @@ from diffusion_jax.param import square_root
 from diffusion_jax.samplers import prior_init, sample
 
 FAMILIES = {"vp": ("vp", {}), "cld": ("cld", {}), "told": ("told", {}), "cdhold4": ("cdhold", {"n": 4}),
-            "psld": ("psld", {})}
+            "psld": ("psld", {}), "cdhold3": ("cdhold", {"n": 3})}
 NFES = (5, 10, 20, 50, 100, 200, 500, 1000)
 # name -> (method, options); deterministic unless noted
 SAMPLERS = {
@@ -47,7 +50,7 @@ SAMPLERS = {
     "sscs_ode": ("sscs", dict(lam=0.0)),
     "euler_maruyama": ("euler_maruyama", {}), "sscs": ("sscs", dict(lam=1.0)),
     "gddim_stoch": ("gddim", dict(order=0, lam=1.0)),
-    "gddim_default": ("gddim", dict(predict="denoiser")),
+    "gddim_default": ("gddim", {}),
 }
 # the denoiser-form multistep on power grids: order q, corrector c (or none), exponent p
 for _q in (1, 2, 3):
@@ -182,26 +185,43 @@ def best_table(rows: list[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------ tuning the gddim defaults
-TUNE_FAMILIES = ("vp", "cld", "psld", "told", "cdhold4")
+TUNE_FAMILIES = ("vp", "cld", "psld", "told", "cdhold4", "cdhold3")
 TUNE_NFES = (5, 10, 20, 50)
 TUNE_RHOS = (2.0, 3.0, 4.0, 6.0)
+# The eps-error gain bound the defaults are tuned under, per NFE (the nearest NFE's between them): 5 at NFE 5,
+# 3 from NFE 10 on. Chosen on learned networks (digits CLD / CD-HOLD 3 / VP, bench-nfe fd-pixels from the same
+# noise) against the exact-score error: at NFE 5 a bound of 3 leaves too little of the interval to the other
+# steps (exact-score error 0.63 for vp, 0.76 for cld), at NFE >= 10 it costs little and is the safer one.
+TUNE_MAX_GAIN: dict = {5: 5.0, 10: 3.0}
 
 
-def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, log):
-    """Per NFE: best (order, corrector, rho) on uniform s, then coordinate descent on log s-increments."""
+def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, log, max_gain=math.inf):
+    """Per NFE: best (order, corrector, rho) on uniform s, then coordinate descent on log s-increments.
+
+    ``max_gain``: a number, or {nfe: bound} (:func:`defaults.gain_at`: the nearest NFE's). With a finite bound
+    every candidate is run as the plan will run it: its grid guarded
+    (:func:`exponential.guard_grid`) and its per-step orders controlled (``step_tables(max_gain=...)``), so
+    the optimum is the best *bounded* configuration; the stored s is that of the guarded grid."""
     import jax.numpy as jnp
 
     from diffusion_jax.param import Model
     from diffusion_jax.samplers import exponential
-    from diffusion_jax.samplers.defaults import power_grid
+    from diffusion_jax.samplers.defaults import gain_at, power_grid
 
     model = Model(sde, fn, "eps", "R")
     sqrt = square_root(sde, "R")
     runner = jax.jit(lambda u, tab: exponential.multistep_scan(sde, model, u, tab)[0])
 
-    def err(s, rho, q, c):
+    gain = math.inf                                # the current NFE's bound (set in the loop below)
+
+    def grid(s, rho):
         ts = power_grid(s, rho, sde.T, t_end)
-        tab = exponential.step_tables(sde, sqrt, tuple(float(t) for t in ts), q, c)
+        return exponential.guard_grid(sde, sqrt, ts, gain) if math.isfinite(gain) else ts
+
+    def err(s, rho, q, c):
+        ts = grid(s, rho)
+        tab = exponential.step_tables(sde, sqrt, tuple(float(t) for t in ts), q, c,
+                                      max_gain=gain if math.isfinite(gain) else None)
         x = runner(u0, {k: jnp.asarray(tab[k], u0.dtype) for k in exponential.SCAN_KEYS})
         x = np.asarray(x[..., 0], np.float64)
         e = float(np.mean(np.linalg.norm(x - ref, axis=1)))
@@ -211,8 +231,18 @@ def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, l
         w = np.exp(z)
         return (1.0 - np.concatenate([[0.0], np.cumsum(w)]) / w.sum())
 
+    def z_of(s):                                   # the log increments of a decreasing s (inverse of s_of)
+        return np.log(np.maximum(-np.diff(np.asarray(s, np.float64)), 1e-12))
+
+    def s_guarded(s, rho):                         # the s of the grid that runs (power map inverted)
+        lo, hi = t_end ** (1.0 / rho), sde.T ** (1.0 / rho)
+        out = (grid(s, rho) ** (1.0 / rho) - lo) / (hi - lo)
+        out[0], out[-1] = 1.0, 0.0
+        return out
+
     out = {}
     for nfe in nfes:
+        gain = gain_at(max_gain, nfe)
         best = (np.inf, None)
         for q in range(1, min(3, nfe - 1) + 1):
             for c in (-1, q, q + 1):
@@ -221,7 +251,8 @@ def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, l
                     if e < best[0]:
                         best = (e, (q, c, rho))
         e0, (q, c, rho) = best
-        z, e_best, step = np.zeros(nfe), e0, 0.4
+        # descend from the grid that actually runs (the guard is many-to-one: flat in the unguarded s)
+        z, e_best, step = z_of(s_guarded(s_of(np.zeros(nfe)), rho)), e0, 0.4
         if nfe <= descent_max_nfe:
             for _ in range(rounds):
                 for k in range(nfe):
@@ -233,37 +264,56 @@ def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, l
                             z, e_best = z2, e
                             break
                 step *= 0.6
-        out[str(nfe)] = dict(order=q, corrector=c, rho=rho, s=[float(v) for v in s_of(z)],
+        out[str(nfe)] = dict(order=q, corrector=c, rho=rho, s=[float(v) for v in s_guarded(s_of(z), rho)],
+                             max_gain=gain if math.isfinite(gain) else None,
                              tune_error_power_grid=e0, tune_error=e_best)
-        log(f"  nfe={nfe}: order={q} corrector={c} rho={rho:g}: {e0:.3e} (uniform s) -> {e_best:.3e} (tuned)")
+        log(f"  nfe={nfe}: order={q} corrector={c} rho={rho:g} max_gain={gain:g}: {e0:.3e} (uniform s) -> "
+            f"{e_best:.3e} (tuned)")
     return out
 
 
 def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samples: int = 128, seed: int = 100,
-         t_end: float = 1e-3, rhos=TUNE_RHOS, rounds: int = 2, descent_max_nfe: int = 20) -> dict:
+         t_end: float = 1e-3, rhos=TUNE_RHOS, rounds: int = 2, descent_max_nfe: int = 20,
+         max_gain: float | dict | None = None) -> dict:
     """Measure and store the gddim defaults (see :mod:`diffusion_jax.samplers.defaults`).
 
     For each family and NFE: every order q = 1..3 with corrector none / q / q + 1 on power grids with
     exponent in ``rhos`` (s uniform) is run on exact mixture scores from ``n_samples`` prior draws
     (``seed``, distinct from the benchmark's); the best one's node spacing is then optimised by coordinate
     descent on the log increments of s (``rounds`` sweeps, step 0.4 shrinking by 0.6; only for
-    NFE <= ``descent_max_nfe``). The table is written as JSON to ``path`` (default: the package's table).
+    NFE <= ``descent_max_nfe``). Every candidate runs under the eps-error gain bound ``max_gain`` (default
+    :data:`TUNE_MAX_GAIN`; a number or {nfe: bound}, the nearest NFE's bound applying between them; the grid
+    guarded, the per-step orders controlled, as the plan runs it; ``inf``: no bound), so the stored
+    configuration is the best bounded one; the bound is stored with each entry and as the table's
+    ``setup.max_gain`` (a record: families with no entry run the generic rule unbounded). The table is written as JSON to ``path`` (default:
+    the package's table); entries of other families already there are kept.
     """
     from diffusion_jax.samplers import defaults
 
     path = defaults.TUNED_PATH if path is None else path
     mix = exact.ring_of_gaussians(8, 1.0, 0.01)
-    table = dict(command="python -m diffusion_jax bench-solvers --tune",
+    from diffusion_jax.samplers.defaults import gain_at
+    max_gain = TUNE_MAX_GAIN if max_gain is None else max_gain
+    spec = ({str(int(k)): float(v) for k, v in max_gain.items()} if isinstance(max_gain, dict)
+            else float(max_gain))
+    for g in (spec.values() if isinstance(spec, dict) else [spec]):
+        if not g > 0:
+            raise ValueError(f"max_gain must be > 0 (inf: no bound), got {max_gain}")
+    gain_at(spec, 10)
+    arg = ",".join(f"{k}:{v:g}" for k, v in spec.items()) if isinstance(spec, dict) else f"{spec:g}"
+    table = dict(command=f"python -m diffusion_jax bench-solvers --tune --max-gain {arg}",
                  setup=dict(data="ring_of_gaussians(8, 1.0, 0.01)", n_samples=n_samples, seed=seed, t_end=t_end,
                             rhos=list(rhos), rounds=rounds, descent_max_nfe=descent_max_nfe,
+                            max_gain=spec if isinstance(spec, dict) or math.isfinite(spec) else None,
                             reference="dopri5 rtol=atol=1e-7", error="mean L2 of the data coordinate"),
                  entries={})
+    for fam in families:
+        if fam not in FAMILIES:
+            raise ValueError(f"unknown family {fam!r}; choose from {list(FAMILIES)}")
     if os.path.exists(path):
         with open(path) as f:
             table["entries"] = json.load(f).get("entries", {})
     for fam in families:
-        if fam not in FAMILIES:
-            raise ValueError(f"unknown family {fam!r}; choose from {list(FAMILIES)}")
         sde = sdes.make(FAMILIES[fam][0], **FAMILIES[fam][1])
         fn = exact_eps_fn(sde, mix)
         u0 = prior_init(sde, jax.random.PRNGKey(seed), n_samples, (2,))
@@ -271,13 +321,26 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
         ref = np.asarray(ref[..., 0], np.float64)
         print(f"[tune {fam}]", flush=True)
         from diffusion_jax.samplers.defaults import family_key
-        table["entries"][family_key(sde)] = _tune_family(
-            sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, lambda m: print(m, flush=True))
+        entry = table["entries"].setdefault(family_key(sde), {})
+        entry.update(_tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end,
+                                  lambda m: print(m, flush=True), spec))
         with open(path, "w") as f:
             json.dump(table, f, indent=1)
     defaults.load_table.cache_clear()
     print(f"wrote {path}")
     return table
+
+
+def parse_gain(text: str | None) -> float | dict:
+    """``--max-gain``: None -> :data:`TUNE_MAX_GAIN`; "5" -> 5.0; "5:5,10:3" -> {5: 5.0, 10: 3.0}."""
+    if text is None:
+        return TUNE_MAX_GAIN
+    try:
+        if ":" not in text:
+            return float(text)
+        return {int(k): float(v) for k, v in (item.split(":") for item in text.split(","))}
+    except ValueError as e:
+        raise ValueError(f"--max-gain takes a number or NFE:bound pairs like 5:5,10:3, got {text!r}") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                         "draws, ratio of errors (needs pip install -e '.[peers]')")
     p.add_argument("--tune", action="store_true",
                    help="measure the gddim defaults and write diffusion_jax/samplers/tuned_grids.json")
+    p.add_argument("--max-gain", default=None,
+                   help="--tune: the eps-error gain bound tuned under, a number (inf: none) or NFE:bound pairs, "
+                        "e.g. 5:5,10:3 (the nearest NFE's bound between them); default "
+                        + ",".join(f"{k}:{v:g}" for k, v in TUNE_MAX_GAIN.items()))
+    p.add_argument("--tune-out", default=None, help="--tune: write the table here instead of the package's")
     a = p.parse_args(argv)
     split = lambda v: v.split(",") if v else None
     if a.peers:
@@ -303,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         peers.run(a.out, nfes, a.n_samples)
     elif a.tune:
         nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else TUNE_NFES
-        tune(None, split(a.families) or TUNE_FAMILIES, nfes)
+        tune(a.tune_out, split(a.families) or TUNE_FAMILIES, nfes, max_gain=parse_gain(a.max_gain))
     else:
         nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else NFES
         run(a.out, split(a.families), split(a.samplers), nfes, a.n_samples)

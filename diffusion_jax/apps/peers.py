@@ -155,8 +155,8 @@ def run(out_dir: str, nfes=PEER_NFES, n_samples: int = 256, t_end: float = 1e-3,
     for nfe in nfes:
         u, info = sample(sde, fn, u0, method="gddim", nfe=nfe, t_end=t_end)
         row = dict(nfe=nfe, default=err(u[..., 0]), default_config=str((info.config or {}).get("predict", "")))
-        u, _ = sample(sde, fn, u0, method="gddim", nfe=nfe, t_end=t_end, predict="denoiser")
-        row["denoiser"] = err(u[..., 0])                 # the tuned denoiser form (opt-in)
+        u, _ = sample(sde, fn, u0, method="gddim", nfe=nfe, t_end=t_end, predict="eps")
+        row["denoiser"] = err(u[..., 0])                 # the eps form (order 1, uniform grid: the former default)
         for name in PEERS:
             best = None
             for spacing in SPACINGS:
@@ -176,9 +176,9 @@ def run(out_dir: str, nfes=PEER_NFES, n_samples: int = 256, t_end: float = 1e-3,
              "to the Dopri5 reference. Peers: diffusers, float64 states, exact eps in float64; the best of three "
              "spacings (uniform t, Karras, uniform log-SNR) per NFE. Ratio = library default / peer (< 1: the "
              "library is more accurate).", "",
-             "Library default: `sample(method=\"gddim\", nfe=N)`; tuned denoiser form: the same with "
-             "`predict=\"denoiser\"` (its measured per-NFE configuration).", "",
-             "| NFE | library default | tuned denoiser form | " + " | ".join(PEERS) + " | " + " | ".join(f"default / {p}" for p in PEERS)
+             "Library default: `sample(method=\"gddim\", nfe=N)` (the denoiser form, tuned under its gain bound); "
+             "eps form: the same with `predict=\"eps\"` (order 1, uniform grid).", "",
+             "| NFE | library default | eps form | " + " | ".join(PEERS) + " | " + " | ".join(f"default / {p}" for p in PEERS)
              + " |", "|---|---|---|" + "---|" * (2 * len(PEERS))]
     for r in rows:
         lines.append(f"| {r['nfe']} | {r['default']:.2e} ({r['default_config']}) | {r['denoiser']:.2e} | "

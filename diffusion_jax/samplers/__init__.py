@@ -20,15 +20,18 @@ Methods and their options (anything else is an error naming these):
 * ``euler``, ``heun``, ``midpoint``, ``tsit5``: diffrax, fixed steps on the time grid (``grid``, ``rho``);
 * ``dopri5``, ``tsit5_adaptive``: diffrax with a PID controller (``rtol``, ``atol``, ``max_steps``; no ``nfe``);
 * ``euler_maruyama``: the reverse SDE (``grid``, ``rho``; needs a key);
-* ``gddim``: exponential integrator, multistep ``order`` q = 0..3, in eps (``predict="eps"``, the default,
-  :mod:`.gddim`; stochastic with ``lam`` > 0) or, deterministic, in the denoiser (``predict="denoiser"``, the
-  matrix analogue of DPM-Solver++ multistep with an optional ``corrector`` at no extra evaluation,
-  :mod:`.exponential`); with ``predict="denoiser"`` the options left unset (order, corrector, grid) take the
-  best configuration measured on exact scores for the family and NFE (:mod:`.defaults`, ``bench-solvers --tune``).
-  The denoiser form is opt-in: with learned networks it diverged at NFE 10-50 in our tests (the tuned grids'
-  first step multiplies the network's eps error by up to ~180 through D(T), and the D-history weights add
-  more); ``max_gain`` (e.g. 5) bounds each step's eps-error gain (:func:`.exponential.guard_grid` and the
-  order control of :func:`.exponential.step_tables`), at a cost in exact-score accuracy at NFE 5-20;
+* ``gddim``: exponential integrator, multistep ``order`` q = 0..3. Deterministic, by default, in the denoiser
+  (``predict="denoiser"``, the matrix analogue of DPM-Solver++ multistep with an optional ``corrector`` at no
+  extra evaluation, :mod:`.exponential`): the options left unset (order, corrector, grid, ``max_gain``) take the
+  configuration measured best on exact scores *under an eps-error gain bound* for the family and NFE
+  (:mod:`.defaults`, ``bench-solvers --tune``; a family never tuned gets a generic power grid, unbounded). The
+  bound ``max_gain`` (stored with each entry) caps how much a step multiplies a learned network's eps error
+  (D = w^T(K^{-1}u - eps)/|w|^2 carries it times 1/|w_t|, ~250 at T for CLD): the grid's steps are shortened
+  (:func:`.exponential.guard_grid`) and each step's order lowered (:func:`.exponential.step_tables`) until
+  every gain is within it; the tuner measures every candidate that way,
+  so the stored grid is the best bounded one (unbounded, the tuned grids diverged with learned networks).
+  ``max_gain=inf`` lifts it. The eps form (``predict="eps"``, :mod:`.gddim`; order 1 on the uniform grid unless
+  chosen) is the one used with noise (``lam`` > 0);
 * ``sscs``: symmetric splitting, exact linear half-steps around an Euler score step (``lam``, default 1);
 * ``edm_heun``: Karras et al.'s Heun in sigma(t) on the EDM grid (``rho``, ``ode_jump``).
 

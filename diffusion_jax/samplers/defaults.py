@@ -1,23 +1,32 @@
-r"""Default gDDIM configuration per family and NFE: the best measured one on the exact-score benchmark.
+r"""Default gDDIM configuration per family and NFE: the best one measured on the exact-score benchmark under
+an eps-error gain bound.
 
-``sample(sde, fn, u, method="gddim", nfe=N)`` with nothing else chosen takes its multistep order, its
-corrector and its time grid from here. The grids are data (``tuned_grids.json`` beside this file), written
-by ``python -m diffusion_jax bench-solvers --tune`` (see ``diffusion_jax.bench_solvers.tune``): for each
+``sample(sde, fn, u, method="gddim", nfe=N)`` with nothing else chosen runs the denoiser form
+(:mod:`.exponential`) and takes its multistep order, its corrector, its time grid and its gain bound
+``max_gain`` from here. The grids are data (``tuned_grids.json`` beside this file), written by
+``python -m diffusion_jax bench-solvers --tune`` (see ``diffusion_jax.apps.bench_solvers.tune``): for each
 family (at its default parameters) and NFE, every (order, corrector) on power grids
 t = (t_end^{1/p} + s (t_start^{1/p} - t_end^{1/p}))^p, s uniform, is measured, and the best one's nodes s_i
 are then optimised coordinate-wise on exact-score trajectories (8-Gaussian ring, its own prior draws, not
-the benchmark's). A stored grid is kept in the variable s, so it maps onto any [t_end, t_start].
+the benchmark's). Every candidate runs as the plan will run it: its grid guarded so that each step's
+eps-error gain |m_{t'}| / |w_t| is at most ``max_gain`` and each step's order lowered until its history gain
+is too (:func:`.exponential.guard_grid`, :func:`.exponential.step_tables`). The optimum is therefore the best
+*bounded* configuration: accurate on exact scores and safe with learned networks (whose eps error the
+unbounded tuned grids multiplied by up to ~180 in their first step). A stored grid is kept in the variable s
+(that of the guarded grid), so it maps onto any [t_end, t_start]; the plan guards it again (a no-op on the
+tuned interval).
 
 Resolution for a family and N:
 * the stored entry for (family, N) when there is one;
 * for another N of a stored family: its nearest stored NFE's configuration, the node profile s(i / N)
   interpolated (monotone, piecewise linear in i / N);
-* otherwise the generic rule :data:`GENERIC` (a power grid, order 3 with corrector).
+* otherwise the generic rule :data:`GENERIC` (a power grid, order 3 with corrector), with no gain bound.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from typing import Any
 
@@ -67,8 +76,12 @@ def _resample(s: np.ndarray, nfe: int) -> np.ndarray:
 
 
 def gddim_defaults(sde: Any, nfe: int, t_start: float, t_end: float, table: dict | None = None) -> dict:
-    """dict(order, corrector, ts (host float64 grid), source) for ``method="gddim"`` with ``nfe`` steps."""
-    entries = (load_table() if table is None else table).get("entries", {}).get(family_key(sde), {})
+    """dict(order, corrector, ts (host float64 grid), source, max_gain) for ``method="gddim"`` with ``nfe``
+    steps; ``max_gain`` is the eps-error gain bound the entry was tuned under (inf when none was stored, and for
+    the generic rule: the bound is chosen and tuned per family; on a family whose prior is far wider than its
+    data, e.g. the force-field families, 1/|w_T| is so large that guarding would pile the grid up at T)."""
+    table = load_table() if table is None else table
+    entries = table.get("entries", {}).get(family_key(sde), {})
     if str(nfe) in entries:
         e = entries[str(nfe)]
         s, source = np.asarray(e["s"], np.float64), f"tuned {family_key(sde)} nfe={nfe}"
@@ -81,4 +94,17 @@ def gddim_defaults(sde: Any, nfe: int, t_start: float, t_end: float, table: dict
     order = int(min(e["order"], nfe - 1))
     corrector = int(min(e["corrector"], nfe - 1)) if e["corrector"] >= 0 else -1
     return dict(order=order, corrector=corrector, ts=power_grid(s, float(e["rho"]), t_start, t_end),
-                source=source)
+                source=source, max_gain=gain_at(e.get("max_gain"), nfe))
+
+
+def gain_at(spec: Any, nfe: int) -> float:
+    """The eps-error gain bound of a stored ``max_gain``: None -> inf; a number; or {nfe: bound} -> the bound
+    of the nearest stored NFE (in log NFE, the smaller on a tie)."""
+    if spec is None:
+        return math.inf
+    if isinstance(spec, dict):
+        if not spec:
+            raise ValueError("an empty max_gain table: give a number or {nfe: bound}")
+        near = min(spec, key=lambda k: (abs(np.log(int(k) / nfe)), int(k)))
+        return gain_at(spec[near], nfe)
+    return float(spec)

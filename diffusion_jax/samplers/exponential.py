@@ -46,7 +46,7 @@ from diffusion_jax.samplers.gddim import _lagrange, _lagrange_deriv
 Array = Any
 _GL_NODES = 32
 MAX_WEIGHT = 1e3
-MAX_GAIN = 10.0       # a suggested bound for learned networks (measured in bench-nfe); off unless asked for
+# (the gain bound of the defaults is stored with the tuned table: samplers/tuned_grids.json, setup.max_gain)
 INTERP_VARIABLES = ("t", "logt", "lambda")
 # the float arrays of :func:`step_tables` that the compiled loop reads, one row per step
 SCAN_KEYS = ("t", "m_next", "b", "v", "g", "zv", "w", "w_hat", "kz", "kt", "s_inv")

@@ -82,9 +82,9 @@ def check_options(method: str, nfe: int | None, options: dict[str, Any]) -> dict
     if "lam" in opts and not (opts["lam"] >= 0 and math.isfinite(opts["lam"])):
         raise ValueError(f"lam must be finite and >= 0, got {opts['lam']}")
     if method == "gddim":
-        # the eps form by default: the denoiser form (best on exact scores) diverged with learned networks
-        # at NFE 10-50 in our tests (notebook 03, the run report), so it is opt-in until that is understood
-        opts.setdefault("predict", "eps")
+        # deterministic: the denoiser form by default (make_plan fills in its tuned, gain-bounded options);
+        # with noise (lam > 0) the eps form, the only stochastic one
+        opts.setdefault("predict", "denoiser" if opts["lam"] == 0 else "eps")
         if opts["predict"] not in PREDICTS:
             raise ValueError(f"gddim predict must be one of {PREDICTS}, got {opts['predict']!r}")
         if opts["predict"] == "denoiser" and opts["lam"] > 0:
@@ -159,14 +159,17 @@ def make_plan(sde: Family, method: str, nfe: int | None = None, K: str = "R", t_
     t_end = sde.t_min if t_end is None else float(t_end)
     if not (0 < t_end < t_start <= sde.T):
         raise ValueError(f"need 0 < t_end < t_start <= T={sde.T}, got t_end={t_end}, t_start={t_start}")
-    if method == "gddim" and options.get("lam", 0.0) == 0 and options.get("predict") == "denoiser" \
+    if method == "gddim" and options.get("lam", 0.0) == 0 and options.get("predict", "denoiser") == "denoiser" \
             and isinstance(nfe, (int, np.integer)) and nfe >= 1:
-        # options left unset take the best measured configuration for the family and NFE (defaults.py)
+        # the default: the denoiser form, options left unset taking the best configuration measured on exact
+        # scores under the eps-error gain bound for the family and NFE (defaults.py, bench-solvers --tune)
         from diffusion_jax.samplers.defaults import gddim_defaults
         cfg = gddim_defaults(sde, int(nfe), t_start, t_end)
         options = dict(options)
+        options["predict"] = "denoiser"
         options.setdefault("order", cfg["order"])
         options.setdefault("corrector", cfg["corrector"])
+        options.setdefault("max_gain", cfg["max_gain"])
         if "grid" not in options and "rho" not in options:
             options["grid"] = "tuned"
     tuned = options.get("grid") == "tuned"
@@ -189,11 +192,12 @@ def _plan(sde: Family, method: str, nfe: int | None, kind: str, t_start: float, 
         from diffusion_jax.samplers.defaults import gddim_defaults
         cfg = gddim_defaults(sde, nfe, t_start, t_end)
         ts, meta["grid"] = cfg["ts"], cfg["source"]
-        if method == "gddim" and math.isfinite(opts.get("max_gain", math.inf)):
-            ts = guard_grid(sde, square_root(sde, "R"), ts, float(opts["max_gain"]))
-            meta["grid"] += f", steps guarded to eps gain <= {opts['max_gain']:g}"
     else:
         ts = time_grid(sde, n, opts.get("grid", "edm"), t_start, t_end, opts.get("rho", 7.0))
+    if method == "gddim" and math.isfinite(opts.get("max_gain", math.inf)):
+        # every step's eps-error gain within the bound, whichever grid (the tuned one already is, on [1e-3, T])
+        ts = guard_grid(sde, square_root(sde, "R"), ts, float(opts["max_gain"]))
+        meta["grid"] = f"{meta.get('grid', opts['grid'])}, steps guarded to eps gain <= {opts['max_gain']:g}"
     tables: dict[str, np.ndarray] = {"ts": ts}
     if method in DIFFRAX_FIXED:
         per_step, extra = DIFFRAX_FIXED[method]
