@@ -89,7 +89,7 @@ import jax.numpy as jnp
 from diffusion_jax.sdes.base import tri_factor as _core_tri_factor
 import numpy as np
 from jax import lax
-from jax.scipy.linalg import solve_triangular
+from diffusion_jax.linalg import solve_triangular
 
 Array = Any
 
@@ -273,7 +273,7 @@ def _score_one(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
     """One state u (d, k), scalar t: see :func:`mixture_score`."""
     p = _mixture_parts(sde, mix, u, t)
     resp = _softmax(p.logit)                                                     # (M,)
-    per = solve_triangular(p.fac, p.white, lower=True, trans="T")               # (M, G, k, c) = C_i^{-1} r
+    per = solve_triangular(p.fac, p.white, lower=True, trans=True)               # (M, G, k, c) = C_i^{-1} r
     per = jnp.where(resp[:, None, None, None] > 0, per, 0.0)   # far components may overflow; their weight is 0
     return _pixels(sde, -_ungroup(jnp.einsum("i,igkc->gkc", resp, per)))
 
@@ -395,7 +395,7 @@ def _empirical_score_one(sde, data: Array, u: Array, t: Array, chunk: int = 1024
     n_grp = m.shape[0]
     den_w = _group(_modes(sde, den[:, None]), n_grp)                              # (G, 1, c)
     r = solve_triangular(chol, _group(w, n_grp) - m[..., None] * den_w, lower=True)
-    return _pixels(sde, -_ungroup(solve_triangular(chol, r, lower=True, trans="T")))
+    return _pixels(sde, -_ungroup(solve_triangular(chol, r, lower=True, trans=True)))
 
 # ----------------------------------------------------------------------------------------- batched API
 def _flat(sde, u: Array, t: Array, d: int | None = None) -> tuple[Array, Array, tuple[int, ...]]:

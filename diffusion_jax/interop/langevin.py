@@ -21,6 +21,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from diffusion_jax import linalg
+
 Array = Any
 
 
@@ -55,7 +57,7 @@ def lower(l11: Array, l21: Array, l22: Array) -> Array:
 
 def eps_in_library_basis(sde: Any, k_t: Array, l_eps: Array, eps_l: Array) -> Array:
     """eps_K = K^T L^{-T} eps_L: the library's eps of the model whose eps w.r.t. ``l_eps`` is ``eps_l``."""
-    m = jnp.swapaxes(k_t, -1, -2) @ jnp.swapaxes(jnp.linalg.inv(l_eps), -1, -2)
+    m = jnp.swapaxes(k_t, -1, -2) @ jnp.swapaxes(linalg.inv(l_eps), -1, -2)
     return sde.apply(m, eps_l)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import linalg
 from diffusion_jax.param.roots import OUTPUTS, SquareRoot, square_root
 
 Array = Any
@@ -21,7 +22,7 @@ Array = Any
 # Per-mode algebra goes through the family's ``apply`` / ``lift`` / ``project``, which hold the basis change
 # of a modal family (the identity for the pixel-shared ones).
 def _inv(k: Array) -> Array:
-    return jnp.linalg.inv(k)
+    return linalg.inv(k)
 
 
 def score_from_eps(sde: Any, eps: Array, k_t: Array) -> Array:

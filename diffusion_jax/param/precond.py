@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
+from diffusion_jax import linalg
 from diffusion_jax.param.roots import SquareRoot, square_root
 from diffusion_jax.sdes.base import Family
 
@@ -81,7 +82,7 @@ class Preconditioner:
     def eps_ref(self, u: Array, t: Array) -> Array:
         """K_t^T C_t^{-1} u: the eps of the Gaussian reference model (the mixed-score part)."""
         k_t = self.sqrt(t)
-        return self.sde.apply(jnp.swapaxes(k_t, -1, -2) @ jnp.linalg.inv(self._ref_cov(t)), u)
+        return self.sde.apply(jnp.swapaxes(k_t, -1, -2) @ linalg.inv(self._ref_cov(t)), u)
 
     def c_out(self, t: Array) -> Array:
         """sqrt(diag(I - K^T C^{-1} K)), shape (*t.shape, [*modes,] k): the reference posterior std of eps.
@@ -90,7 +91,7 @@ class Preconditioner:
         (1 + sigma_data^2 |w|^2) (Sherman-Morrison): c_out,i = sigma_data |w_i| / sqrt(1 + sigma_data^2 |w|^2),
         free of the cancellation in 1 - diag(...) when c_out is small.
         """
-        w = jnp.linalg.solve(self.sqrt(t), self.sde.mean_coefficient(t)[..., None])[..., 0]
+        w = linalg.solve(self.sqrt(t), self.sde.mean_coefficient(t)[..., None])[..., 0]
         sd = self.sigma_data
         return sd * jnp.abs(w) / jnp.sqrt(1.0 + sd * sd * jnp.sum(w * w, axis=-1, keepdims=True))
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from diffusion_jax import linalg
 from diffusion_jax.sdes.base import FamilyBase, apply_matrix, tri_factor
 from diffusion_jax.sdes.schedules import Schedule
 
@@ -223,7 +224,7 @@ class LinearSDE(FamilyBase):
     def expm_b(self, b: Array) -> Array:
         """expm(A b) for a B-increment b of any sign (negative: the inverse of expm(A |b|))."""
         b = self._float(b)
-        fn = lambda bb: (lambda p: jnp.where(bb < 0, jnp.linalg.inv(p), p))(
+        fn = lambda bb: (lambda p: jnp.where(bb < 0, linalg.inv(p), p))(
             self._phi_pos(jnp.abs(bb), jnp, bb.dtype))
         return jnp.vectorize(fn, signature="()->(i,j)")(b)
 
@@ -248,7 +249,7 @@ class LinearSDE(FamilyBase):
         """log N(u; 0, Sigma_prior) summed over every axis after the first ``batch_ndim``."""
         k = self.order
         chol = jnp.asarray(self.prior_cholesky, u.dtype)
-        w = jax.scipy.linalg.solve_triangular(chol, u.reshape(-1, k).T, lower=True).T.reshape(u.shape)
+        w = linalg.solve_triangular(chol, u.reshape(-1, k).T, lower=True).T.reshape(u.shape)
         logdet = 2.0 * float(np.log(np.diag(self.prior_cholesky)).sum())
         per_pixel = -0.5 * jnp.sum(w * w, axis=-1) - 0.5 * (logdet + k * math.log(2 * math.pi))
         return jnp.sum(per_pixel, axis=tuple(range(batch_ndim, per_pixel.ndim)))

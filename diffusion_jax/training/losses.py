@@ -28,8 +28,8 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
+from diffusion_jax import linalg
 from diffusion_jax.param import SquareRoot
 from diffusion_jax.sdes.base import Family
 
@@ -76,7 +76,7 @@ def perturb(sde: Family, sqrt: SquareRoot, key: Array, x0: Array, t: Array,
     u_t = sde.apply(sde.transition(t=t, s=0.0), u0) + sde.apply(k_c, z)
     # eps* = K^T K'^{-T} z, per example: a triangular solve with K'^T (upper), then K^T.
     flat = z.reshape(z.shape[0], -1, sde.order)
-    w = jax.vmap(lambda kc, zz: solve_triangular(kc.T, zz.T, lower=False).T)(k_c, flat)
+    w = jnp.swapaxes(linalg.solve_triangular(k_c, jnp.swapaxes(flat, -1, -2), lower=True, trans=True), -1, -2)
     target = jnp.einsum("bji,bpj->bpi", k_t, w).reshape(z.shape)
     return u_t, target
 
@@ -87,7 +87,7 @@ def loss_weight_matrix(sde: Family, sqrt: SquareRoot, t: Array, weighting: str) 
         return None
     k_t = sqrt(t)
     g_t = sde.diffusion_matrix(t).astype(k_t.dtype)
-    return jnp.swapaxes(g_t, -1, -2) @ jnp.swapaxes(jnp.linalg.inv(k_t), -1, -2)
+    return jnp.swapaxes(g_t, -1, -2) @ jnp.swapaxes(linalg.inv(k_t), -1, -2)
 
 
 def score_matching_loss(eps_fn: Callable[[Array, Array], Array], sde: Family, sqrt: SquareRoot,
