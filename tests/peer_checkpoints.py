@@ -144,3 +144,18 @@ if __name__ == "__main__":
         rebuilt = BUILDERS[fmt](np.load(golden), os.path.join(d, "rebuilt"))
         assert_same(load_torch_checkpoint(saved), load_torch_checkpoint(rebuilt))
     print(f"{fmt}: {saved} and the file rebuilt from {golden} load to identical objects")
+
+
+def check_samples_and_bpd(workdir: str, out_dir) -> None:
+    """An imported run samples (gDDIM and Euler-Maruyama at NFE 3: finite fd-pixels) and gives a finite,
+    positive bits/dim (Hutchinson trace) through the same programs as a trained run."""
+    from diffusion_jax.apps import bench_nfe, bpd
+    res = bench_nfe.run(workdir, samplers="gddim,euler_maruyama", nfes="3", metric="fd-pixels", n_samples=4,
+                        out=os.path.join(str(out_dir), "bench"), floor_split=None, save_samples=False,
+                        verbose=False)
+    rows = bench_nfe.read_results(res["csv"])
+    assert {r["sampler"] for r in rows} >= {"gddim", "euler_maruyama"}
+    assert all(np.isfinite(float(r["value"])) for r in rows)
+    s = bpd.run(workdir, n=2, split="test", trace="hutchinson", t_eps=1e-3, batch=2, rtol=1e-2, atol=1e-2,
+                out=os.path.join(str(out_dir), "bpd.json"), verbose=False)
+    assert np.isfinite(s["bpd_mean"]) and s["bpd_mean"] > 0

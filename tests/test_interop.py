@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.apps import bench_nfe, bpd
 from diffusion_jax.training import configs
 from diffusion_jax.interop import CheckpointMismatch, import_checkpoint
 from diffusion_jax.evaluation.torch_pickle import UnsafeCheckpointError
@@ -27,6 +26,7 @@ from diffusion_jax.training.loop import load_run
 from diffusion_jax.training.state import pick_ema
 
 from peer_checkpoints import score_sde_checkpoint
+from peer_checkpoints import check_samples_and_bpd
 
 FIX = Path(__file__).parent / "fixtures"
 GOLD = np.load(FIX / "score_sde_vp_tiny_golden.npz")
@@ -88,14 +88,7 @@ def test_imported_score_equals_reference_score_function(imported):
 
 
 def test_imported_run_samples_and_bpd(imported, tmp_path):
-    res = bench_nfe.run(imported, samplers="gddim,euler_maruyama", nfes="3", metric="fd-pixels", n_samples=4,
-                        out=str(tmp_path / "bench"), floor_split=None, save_samples=False, verbose=False)
-    rows = bench_nfe.read_results(res["csv"])
-    assert {r["sampler"] for r in rows} >= {"gddim", "euler_maruyama"}
-    assert all(np.isfinite(float(r["value"])) for r in rows)
-    s = bpd.run(imported, n=2, split="test", trace="hutchinson", t_eps=1e-3, batch=2, rtol=1e-2, atol=1e-2,
-                out=str(tmp_path / "bpd.json"), verbose=False)
-    assert np.isfinite(s["bpd_mean"]) and s["bpd_mean"] > 0
+    check_samples_and_bpd(imported, tmp_path)
 
 
 def test_missing_file_names_the_file_and_where_it_is_published(tmp_path):

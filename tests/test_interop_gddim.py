@@ -20,7 +20,6 @@ import pytest
 from flax import serialization
 from scipy.integrate import solve_ivp
 
-from diffusion_jax.apps import bench_nfe, bpd
 from diffusion_jax.interop import CheckpointMismatch, gddim, import_checkpoint
 from diffusion_jax.interop.ncsnpp_weights import _flatten, _shapes
 from diffusion_jax.param import score_from_eps
@@ -30,6 +29,7 @@ from diffusion_jax.training.setup import build_experiment
 from diffusion_jax.training.state import pick_ema
 
 from torch_format import torch_save
+from peer_checkpoints import check_samples_and_bpd
 
 FIX = Path(__file__).parent / "fixtures"
 GOLD = np.load(FIX / "gddim_golden.npz")
@@ -165,14 +165,7 @@ def test_import_then_bench_nfe_and_bpd(tmp_path):
     assert float(key) == 0.9999
     for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(ema_loaded)[0], jax.tree_util.tree_leaves(ema)):
         np.testing.assert_array_equal(np.asarray(a), b, err_msg=str(p))
-    res = bench_nfe.run(workdir, samplers="gddim,euler_maruyama", nfes="3", metric="fd-pixels", n_samples=4,
-                        out=str(tmp_path / "bench"), floor_split=None, save_samples=False, verbose=False)
-    rows = bench_nfe.read_results(res["csv"])
-    assert {r["sampler"] for r in rows} >= {"gddim", "euler_maruyama"}
-    assert all(np.isfinite(float(r["value"])) for r in rows)
-    s = bpd.run(workdir, n=2, split="test", trace="hutchinson", t_eps=1e-3, batch=2, rtol=1e-2, atol=1e-2,
-                out=str(tmp_path / "bpd.json"), verbose=False)
-    assert np.isfinite(s["bpd_mean"]) and s["bpd_mean"] > 0
+    check_samples_and_bpd(workdir, tmp_path)
 
 
 def test_missing_file_names_the_file_and_where_it_is_published(tmp_path):

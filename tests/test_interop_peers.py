@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.apps import bench_nfe, bpd
 from diffusion_jax.evaluation.torch_pickle import UnsafeCheckpointError, load_torch_checkpoint
 from diffusion_jax.interop import CheckpointMismatch, import_checkpoint
 from diffusion_jax.param import score_from_eps
@@ -30,6 +29,7 @@ from diffusion_jax.training import configs
 from diffusion_jax.training.loop import load_run
 from diffusion_jax.training.state import pick_ema
 from peer_checkpoints import cld_sgm_checkpoint, psld_checkpoint
+from peer_checkpoints import check_samples_and_bpd
 from torch_format import torch_save
 
 FIX = Path(__file__).parent / "fixtures"
@@ -130,14 +130,7 @@ def test_cld_sgm_position_part_implies_the_same_denoiser(evaluated):
 
 @pytest.mark.parametrize("fmt", list(PEERS))
 def test_imported_run_samples_and_bpd(imported, fmt, tmp_path):
-    res = bench_nfe.run(imported[fmt], samplers="gddim,euler_maruyama", nfes="3", metric="fd-pixels", n_samples=4,
-                        out=str(tmp_path / "bench"), floor_split=None, save_samples=False, verbose=False)
-    rows = bench_nfe.read_results(res["csv"])
-    assert {r["sampler"] for r in rows} >= {"gddim", "euler_maruyama"}
-    assert all(np.isfinite(float(r["value"])) for r in rows)
-    s = bpd.run(imported[fmt], n=2, split="test", trace="hutchinson", t_eps=1e-3, batch=2, rtol=1e-2, atol=1e-2,
-                out=str(tmp_path / "bpd.json"), verbose=False)
-    assert np.isfinite(s["bpd_mean"]) and s["bpd_mean"] > 0
+    check_samples_and_bpd(imported[fmt], tmp_path)
 
 
 @pytest.mark.parametrize("fmt", list(PEERS))
