@@ -20,6 +20,7 @@ import pytest
 # Tests run on the CPU; several tests fake multiple host devices themselves in subprocesses.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))     # the golden-fixture scripts
 
 # One XLA compilation cache for the whole test session: the xdist workers and the training / benchmark
 # processes the tests start compile many identical programs (the same toy configs, samplers and U-Net steps),

@@ -25,8 +25,7 @@ from diffusion_jax.param import score_from_eps
 from diffusion_jax.training.loop import load_run
 from diffusion_jax.training.state import pick_ema
 
-from peer_checkpoints import score_sde_checkpoint
-from peer_checkpoints import check_samples_and_bpd
+from peer_checkpoints import check_samples_and_bpd, score_sde_checkpoint
 
 FIX = Path(__file__).parent / "fixtures"
 GOLD = np.load(FIX / "score_sde_vp_tiny_golden.npz")

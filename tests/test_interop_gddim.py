@@ -8,7 +8,6 @@ The checkpoints are written here at test time in gDDIM's format (flax msgpack of
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -30,12 +29,10 @@ from diffusion_jax.training.state import pick_ema
 
 from torch_format import torch_save
 from peer_checkpoints import check_samples_and_bpd
+import make_gddim_golden as make_golden
 
 FIX = Path(__file__).parent / "fixtures"
 GOLD = np.load(FIX / "gddim_golden.npz")
-_spec = importlib.util.spec_from_file_location("make_gddim_golden", FIX / "make_gddim_golden.py")
-make_golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_golden)
 CASES = list(make_golden.CASES)
 NET_KEYS = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "resamp_with_conv", "fir", "fir_kernel",
             "skip_rescale", "resblock_type", "progressive", "progressive_input", "progressive_combine",

@@ -5,7 +5,6 @@ yang-song/score_sde_pytorch (see that script for how to regenerate it; the refer
 this repository). Weights are regenerated here by the script's own ``random_weights`` from the stored
 key list, so the fixture holds only keys, inputs and outputs.
 """
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,12 +15,11 @@ import pytest
 
 from diffusion_jax.interop.ncsnpp_weights import CheckpointMismatch, ncsnpp_from_torch
 from diffusion_jax.models import get_model
+import make_ncsnpp_flax_golden as make_flax_golden
+import make_ncsnpp_golden as make_golden
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = np.load(FIXTURES / "ncsnpp_golden.npz")
-_spec = importlib.util.spec_from_file_location("make_ncsnpp_golden", FIXTURES / "make_ncsnpp_golden.py")
-make_golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_golden)
 CASES = list(make_golden.CASES)
 
 
@@ -125,9 +123,6 @@ def test_bad_options_name_the_field():
 
 # ----------------------------------------------------------------------------- score_sde's Flax code
 FLAX_GOLDEN = np.load(FIXTURES / "ncsnpp_flax_golden.npz")
-_spec2 = importlib.util.spec_from_file_location("make_ncsnpp_flax_golden", FIXTURES / "make_ncsnpp_flax_golden.py")
-make_flax_golden = importlib.util.module_from_spec(_spec2)
-_spec2.loader.exec_module(make_flax_golden)
 FLAX_CASES = list(make_flax_golden.CASES)
 
 
