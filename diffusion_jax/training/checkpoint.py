@@ -29,6 +29,19 @@ import orbax.checkpoint as ocp
 from diffusion_jax.training.state import TrainState
 
 _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+# orbax's replica-parallel save splits every replicated array into one slice per replica, each with its own
+# device-to-host copy and write. For a small model that per-slice overhead dominates: a 374-leaf tiny U-Net state
+# replicated on 8 CPU devices took 4.0 s for the first save and 1.0 s for later ones, 0.6 s / 0.4 s with one writer
+# per array. Arrays are therefore split only when each slice would hold at least this many bytes (the large
+# kernels of a paper-sized network still are).
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The handler of the ``state`` item: the standard on-disk format (OCDBT), with the slice bound above."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 class CheckpointError(RuntimeError):
@@ -49,10 +62,12 @@ class Checkpointer:
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.log = log
+        import grain
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "config"))
+        handlers = dict(state=_state_handler(), data=grain.checkpoint.CheckpointHandler(),
+                        config=ocp.JsonCheckpointHandler())
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -67,7 +82,7 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         if self.latest_step() == step:
             return False
-        items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(json.loads(config_json)))
+        items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(json.loads(config_json)))
         if data is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data)
         self.manager.save(step, force=True, args=ocp.args.Composite(**items))
@@ -127,7 +142,8 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         failed: list[tuple[int, BaseException, str]] = []
         for s in steps:
-            items = dict(state=ocp.args.StandardRestore(abstract_state))
+            items = dict(state=ocp.args.PyTreeRestore(
+                abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
             if data is not None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data)
             error = None
