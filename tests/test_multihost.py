@@ -28,7 +28,7 @@ STEPS = 24
 OVERRIDES = ["model.kwargs.nf=8", "model.kwargs.ch_mult=[1]", "model.kwargs.num_res_blocks=1",
              "model.kwargs.attn_resolutions=[]", "training.batch_size=32", f"training.num_steps={STEPS}",
              "training.log_every=4", "training.ckpt_every=4", "training.sample_every=8", "sampling.nfe=4",
-             "sampling.num_samples=8"]
+             "sampling.num_samples=8", "training.tensorboard=false"]      # no TensorFlow import (~4 s each)
 TIMEOUT = 300          # seconds per run (start-up compiles included)
 # The uninterrupted reference runs checkpoint only at the end (each orbax save of the replicated state costs
 # seconds): the resumed run, checkpointed every 4 steps, must still equal them bit for bit.

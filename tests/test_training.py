@@ -30,7 +30,9 @@ def _driver(config, workdir, out, overrides, devices=1, background=False, data_d
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
     if data_dir:
         env["TFDS_DATA_DIR"] = data_dir
-    cmd = [sys.executable, DRIVER, os.path.join(ROOT, "configs", config), str(workdir), str(out)] + overrides
+    # TensorBoard off: importing TensorFlow would add ~4 s to each process (summaries: test_tensorboard_...)
+    cmd = [sys.executable, DRIVER, os.path.join(ROOT, "configs", config), str(workdir), str(out),
+           "training.tensorboard=false"] + overrides
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -267,6 +269,29 @@ def test_load_run_uses_the_config_in_the_checkpoint(tmp_path):
     assert exp.config.model.kwargs.hidden == 24 and exp.config.model.kwargs == c.model.kwargs
     for a, b in zip(jax.tree_util.tree_leaves(out["state"].params), jax.tree_util.tree_leaves(state.params)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tensorboard_summaries_match_metrics_csv_and_can_be_switched_off(tmp_path):
+    import tensorflow as tf
+    kw = dict(training__num_steps=4, training__ckpt_every=4, training__log_every=2, training__batch_size=32,
+              model__kwargs__hidden=24)
+    train(_toy("toy2d_cld.py", **kw), str(tmp_path / "on"))
+    events = [f for f in os.listdir(tmp_path / "on") if f.startswith("events.out.tfevents")]
+    assert len(events) == 1, os.listdir(tmp_path / "on")
+    seen = {}
+    for event in tf.compat.v1.train.summary_iterator(str(tmp_path / "on" / events[0])):
+        for v in event.summary.value:
+            seen[(v.tag, event.step)] = float(tf.make_ndarray(v.tensor))
+    with open(tmp_path / "on" / "metrics.csv") as f:
+        rows = [line.strip().split(",") for line in f.readlines()[1:]]
+    assert [int(r[0]) for r in rows] == [2, 4]
+    for step, loss, gnorm, rate in rows:
+        for tag, value in (("loss", loss), ("grad_norm", gnorm), ("steps_per_s", rate)):
+            np.testing.assert_allclose(seen[(tag, int(step))], float(value), rtol=1e-3, err_msg=tag)
+
+    train(_toy("toy2d_cld.py", training__tensorboard=False, **kw), str(tmp_path / "off"))
+    assert not [f for f in os.listdir(tmp_path / "off") if f.startswith("events")]
+    assert _losses(tmp_path / "off").shape == (2,)
 
 
 def test_missing_dataset_names_the_directory(tmp_path):

@@ -8,7 +8,9 @@ compiled, any data is read or anything is written; a bad value raises :class:`Co
 ``training.n_steps_per_call`` = k runs k optimiser steps per compiled call (``lax.scan``; score_sde's
 ``n_jitted_steps``), so ``num_steps``, ``log_every``, ``ckpt_every`` and ``sample_every`` must be multiples
 of k. ``sampling.{method, nfe, order, grid, num_samples}`` configure the periodic sample grids
-(``sample_every`` > 0; at most 64 samples per grid).
+(``sample_every`` > 0; at most 64 samples per grid). ``training.tensorboard``: process 0 also writes TensorBoard
+summaries (loss, gradient norm, steps/s, sample images) with clu, which imports TensorFlow (about 4 s of
+start-up); ``metrics.csv`` and the log are written either way.
 """
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
         mixed_score=False, c_out=False, dtype="float32", time_input="1000t"))
     c.training = ml_collections.ConfigDict(dict(
         batch_size=256, num_steps=4000, objective="hsm", weighting="eps", t_eps=1e-5, log_every=100,
-        ckpt_every=1000, keep=3, sample_every=0, async_checkpoints=True, n_steps_per_call=1))
+        ckpt_every=1000, keep=3, sample_every=0, async_checkpoints=True, n_steps_per_call=1,
+        tensorboard=True))
     c.optim = ml_collections.ConfigDict(dict(
         optimizer="adam", lr=1e-3, warmup=100, grad_clip=1.0, weight_decay=0.0, b1=0.9, b2=0.999,
         eps=1e-8, decay_to=0.1))
@@ -308,8 +311,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not (_int(t.sample_every) and t.sample_every >= 0):
         fail(f"config.training.sample_every must be an integer >= 0 (0: no periodic samples), "
              f"got {t.sample_every!r}")
-    if not isinstance(t.async_checkpoints, bool):
-        fail(f"config.training.async_checkpoints must be True or False, got {t.async_checkpoints!r}")
+    for name in ("async_checkpoints", "tensorboard"):
+        if not isinstance(t[name], bool):
+            fail(f"config.training.{name} must be True or False, got {t[name]!r}")
     k = t.n_steps_per_call
     for name in ("num_steps", "log_every", "ckpt_every", "sample_every"):
         if t[name] % k:

@@ -6,7 +6,7 @@ stay on device and are read every ``log_every`` steps (so the host does not stal
 there stops the run with ``FloatingPointError`` before any later checkpoint is written.
 
 Outputs under ``workdir``: ``checkpoints/`` (orbax; every process writes its part), and from process 0
-alone: ``config.json``, TensorBoard scalars and sample grids (clu writers), ``metrics.csv`` (step, loss,
+alone: ``config.json``, TensorBoard scalars and sample grids (clu writers; ``training.tensorboard=False`` skips them), ``metrics.csv`` (step, loss,
 grad norm, steps/s), ``samples/step_<n>.png`` every ``sample_every`` steps. Every process logs to its
 own stdout (prefixed ``[process i/P]`` when P > 1).
 """
@@ -101,10 +101,12 @@ def train(config, workdir: str, *, stop_after: int | None = None, coordinator_ad
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    from clu import metric_writers, periodic_actions
-    writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
-    progress = periodic_actions.ReportProgress(num_train_steps=tcfg.num_steps, writer=writer,
-                                               every_steps=tcfg.log_every)
+    writer = None
+    if primary and tcfg.tensorboard:
+        # Only process 0 writes summaries (every process logs the same all-reduced metrics). Imported here:
+        # clu's writers load TensorFlow, about 4 s of start-up that a run with tensorboard=False skips.
+        from clu import metric_writers
+        writer = metric_writers.create_default_writer(workdir)
     metrics_log = _MetricsLog(os.path.join(workdir, "metrics.csv"), start) if primary else None
     step_fn = jit_train_step(exp, mesh, n_steps_per_call=k)
     if tcfg.sample_every:
@@ -141,7 +143,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, coordinator_ad
         t_last, step_last = now, step
         loss = float(np.mean([r[1] for r in rows]))
         gnorm = float(np.mean([r[2] for r in rows]))
-        writer.write_scalars(step, {"loss": loss, "grad_norm": gnorm})
+        if writer is not None:
+            writer.write_scalars(step, {"loss": loss, "grad_norm": gnorm, "steps_per_s": rate})
         if metrics_log is not None:
             metrics_log.append(dict(step=step, loss=f"{loss:.6g}", grad_norm=f"{gnorm:.6g}",
                                     steps_per_s=f"{rate:.4g}"))
@@ -165,8 +168,6 @@ def train(config, workdir: str, *, stop_after: int | None = None, coordinator_ad
             state, metrics = step_fn(state, next_batch())
             step += k
             pending.append((step, metrics))
-            for s in range(step - k + 1, step + 1):     # clu wants every step
-                progress(s)
             # Every process checks every step number (the sync protocol needs each of them).
             preempted = any([preemption.reached(s, ckpt.manager) for s in range(step - k + 1, step + 1)])
             if step % tcfg.log_every == 0 or step == tcfg.num_steps or preempted:
@@ -184,7 +185,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, coordinator_ad
                 x = np.asarray(draw(ema, prior(sample_key), jax.random.fold_in(sample_key, 1)))
                 if primary:
                     path = save_samples(x, config, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
-                    if x.ndim == 4:
+                    if writer is not None and x.ndim == 4:
                         writer.write_images(step, {"samples": to_image_space(x[:16])})
                     log(f"samples at step {step}: {path}")
         flush(step)
@@ -192,7 +193,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, coordinator_ad
         preemption.close()
         ckpt.wait()
         ckpt.close()
-        writer.flush()
+        if writer is not None:
+            writer.flush()
     return dict(state=state, step=step, start=start, seconds=time.perf_counter() - t0, experiment=exp,
                 iterator_state=iterator.get_state(), preempted=preempted)
 
