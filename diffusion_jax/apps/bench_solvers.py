@@ -198,9 +198,9 @@ TUNE_MAX_GAIN: dict = {5: 5.0, 10: 3.0}
 def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, log, max_gain=math.inf,
                  starts: int = 1):
     """Per NFE: best (order, corrector, rho) on uniform s, then coordinate descent on log s-increments
-    (``starts`` > 1: from each of the that many best uniform-s configurations, keeping the best descended one;
-    the best uniform start is often not the best after descent, e.g. told NFE 10: order 3 with rho 6 starts
-    at 0.273 and ends at 0.250, order 2 with rho 2 starts at 0.274 and ends at 0.109).
+    (``starts`` > 1: from each of that many best uniform-s configurations, keeping the best descended one;
+    the best uniform start is often not the best after descent, e.g. told NFE 10 on 512 draws: order 3 with
+    rho 6 starts at 0.273 and ends at 0.250, order 2 with rho 2 starts at 0.274 and ends at 0.109).
 
     ``max_gain``: a number, or {nfe: bound} (:func:`defaults.gain_at`: the nearest NFE's). With a finite bound
     every candidate is run as the plan will run it: its grid guarded
@@ -315,8 +315,8 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
     the package's table); entries of other families already there are kept.
 
     ``starts`` > 1: the descent runs from that many of the best uniform-s configurations (the best descended
-    one is kept). ``validate`` = V > 0: a retune that only replaces an entry when it is better on held-out draws. The new
-    candidate and the stored entry for the same (family, NFE) and bound are both run on V prior draws of
+    one is kept). ``validate`` = V > 0: a retune that only replaces an entry when it is better on held-out
+    draws. The new candidate and the stored entry for the same (family, NFE) and bound are both run on V prior draws of
     ``validate_seed`` (neither the tuning draws nor the benchmark's, seed 0) and the one with the smaller
     mean L2 error is kept. The exact-score error on this ring is dominated by a few trajectories that end in a
     neighbouring mode (told NFE 20: 2 of 256 draws carry 39 % of it), so a tuning objective on 128 draws is
@@ -385,7 +385,8 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
             rv, _ = sample(sde, fn, uv, method="dopri5", rtol=1e-7, atol=1e-7, t_end=t_end, max_steps=100_000)
             rv = np.asarray(rv[..., 0], np.float64)
             for nfe, e in new.items():
-                e["validation"] = dict(n=validate, seed=validate_seed, error=_entry_error(sde, runner, uv, rv, e, t_end))
+                e["validation"] = dict(n=validate, seed=validate_seed,
+                                       error=_entry_error(sde, runner, uv, rv, e, t_end))
                 stored = entry.get(nfe)
                 if stored is not None and stored.get("max_gain") == e["max_gain"]:
                     err_old = _entry_error(sde, runner, uv, rv, stored, t_end)
