@@ -122,3 +122,51 @@ def test_tuner_measures_candidates_under_the_bound(tmp_path):
     assert cfg["max_gain"] == 3.0 and np.allclose(cfg["ts"], ts)
     with pytest.raises(ValueError, match="max_gain must be > 0"):
         bench_solvers.tune(path, families=("vp",), nfes=(4,), max_gain=0.0)
+
+
+def test_tuner_validation_keeps_the_better_entry(tmp_path):
+    """bench-solvers --tune --validate: a retune replaces a stored entry only when the new one has the smaller
+    error on held-out draws (seed 200). A stored entry made worse on purpose is replaced by the tuned one; a
+    stored entry better than a weaker retune's candidate is kept; entries record their provenance."""
+    import json
+
+    from diffusion_jax import exact
+    from diffusion_jax.apps import bench_solvers
+    from diffusion_jax.exact import exact_eps_fn
+    from diffusion_jax.param import Model
+    from diffusion_jax.samplers import defaults
+
+    sde = sdes.make("vp")
+    key = defaults.family_key(sde)
+    path, other = str(tmp_path / "tuned.json"), str(tmp_path / "weak.json")
+    kw = dict(families=("vp",), nfes=(4,), n_samples=8, rounds=1, descent_max_nfe=4, max_gain=30.0)
+    tuned = bench_solvers.tune(path, rhos=(6.0,), **kw)["entries"][key]["4"]
+    assert tuned["n_samples"] == 8 and tuned["seed"] == 100 and "validation" not in tuned
+    # held-out errors of any entry, run as the plan runs it
+    fn = exact_eps_fn(sde, exact.ring_of_gaussians(8, 1.0, 0.01))
+    model = Model(sde, fn, "eps", "R")
+    runner = jax.jit(lambda u, tab: exponential.multistep_scan(sde, model, u, tab)[0])
+    uv = prior_init(sde, jax.random.PRNGKey(200), 16, (2,))
+    rv, _ = sample(sde, fn, uv, method="dopri5", rtol=1e-7, atol=1e-7, t_end=1e-3, max_steps=100_000)
+    rv = np.asarray(rv[..., 0], np.float64)
+    err = lambda e: bench_solvers._entry_error(sde, runner, uv, rv, e, 1e-3)
+
+    # a worse stored entry (order 1 on a grid uniform in t, same bound) is replaced
+    bad = dict(tuned, order=1, corrector=-1, rho=1.0, s=[1.0, 0.75, 0.5, 0.25, 0.0])
+    assert err(bad) > 1.5 * err(tuned)
+    table = json.load(open(path))
+    table["entries"][key]["4"] = bad
+    json.dump(table, open(path, "w"))
+    out = bench_solvers.tune(path, rhos=(6.0,), validate=16, **kw)
+    e = out["entries"][key]["4"]
+    assert e["s"] == tuned["s"] and e["rho"] == tuned["rho"]
+    assert e["validation"]["seed"] == 200 and np.isclose(e["validation"]["error"], err(tuned), rtol=1e-5)
+    assert len(out["commands"]) == 2 and out["commands"][1].endswith("--validate 16")
+
+    # a weaker retune (rho 1 only, no descent) whose candidate is worse: the stored entry stays
+    weak = bench_solvers.tune(other, rhos=(1.0,), **dict(kw, rounds=0))["entries"][key]["4"]
+    assert err(weak) > err(tuned)
+    e = bench_solvers.tune(path, rhos=(1.0,), validate=16, **dict(kw, rounds=0))["entries"][key]["4"]
+    assert e["s"] == tuned["s"] and e["rho"] == tuned["rho"]
+    with pytest.raises(ValueError, match="validate_seed"):
+        bench_solvers.tune(path, families=("vp",), nfes=(4,), validate=16, validate_seed=100)
