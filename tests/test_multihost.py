@@ -30,8 +30,8 @@ OVERRIDES = ["model.kwargs.nf=8", "model.kwargs.ch_mult=[1]", "model.kwargs.num_
              "training.log_every=4", "training.ckpt_every=4", "training.sample_every=8", "sampling.nfe=4",
              "sampling.num_samples=8", "training.tensorboard=false"]      # no TensorFlow import (~4 s each)
 TIMEOUT = 300          # seconds per run (start-up compiles included)
-# The uninterrupted reference runs checkpoint only at the end (each orbax save of the replicated state costs
-# seconds): the resumed run, checkpointed every 4 steps, must still equal them bit for bit.
+# The uninterrupted reference runs checkpoint only at the end (fewer saves): the resumed run, checkpointed every
+# 4 steps, must still equal them bit for bit.
 REF_OVERRIDES = OVERRIDES + [f"training.ckpt_every={STEPS}"]
 
 

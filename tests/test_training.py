@@ -30,7 +30,7 @@ def _driver(config, workdir, out, overrides, devices=1, background=False, data_d
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
     if data_dir:
         env["TFDS_DATA_DIR"] = data_dir
-    # TensorBoard off: importing TensorFlow would add ~4 s to each process (summaries: test_tensorboard_...)
+    # TensorBoard off: TensorFlow's import adds ~4 s per process (the summaries have their own test below)
     cmd = [sys.executable, DRIVER, os.path.join(ROOT, "configs", config), str(workdir), str(out),
            "training.tensorboard=false"] + overrides
     if background:
