@@ -8,8 +8,7 @@ there stops the run with ``FloatingPointError`` before any later checkpoint is w
 Outputs under ``workdir``: ``checkpoints/`` (orbax; every process writes its part), and from process 0
 alone: ``config.json``, TensorBoard scalars and sample grids (clu writers; ``training.tensorboard=False``
 skips them), ``metrics.csv`` (step, loss, grad norm, steps/s), ``samples/step_<n>.png`` every ``sample_every``
-steps. Every process logs to its
-own stdout (prefixed ``[process i/P]`` when P > 1).
+steps. Every process logs to its own stdout (prefixed ``[process i/P]`` when P > 1).
 """
 from __future__ import annotations
 
