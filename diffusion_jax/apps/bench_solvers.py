@@ -206,30 +206,20 @@ def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, l
     every candidate is run as the plan will run it: its grid guarded
     (:func:`exponential.guard_grid`) and its per-step orders controlled (``step_tables(max_gain=...)``), so
     the optimum is the best *bounded* configuration; the stored s is that of the guarded grid."""
-    import jax.numpy as jnp
-
     from diffusion_jax.param import Model
     from diffusion_jax.samplers import exponential
-    from diffusion_jax.samplers.defaults import gain_at, power_grid
+    from diffusion_jax.samplers.defaults import gain_at
 
     model = Model(sde, fn, "eps", "R")
-    sqrt = square_root(sde, "R")
     runner = jax.jit(lambda u, tab: exponential.multistep_scan(sde, model, u, tab)[0])
 
     gain = math.inf                                # the current NFE's bound (set in the loop below)
 
     def grid(s, rho):
-        ts = power_grid(s, rho, sde.T, t_end)
-        return exponential.guard_grid(sde, sqrt, ts, gain) if math.isfinite(gain) else ts
+        return _guarded_grid(sde, s, rho, gain, t_end)
 
     def err(s, rho, q, c):
-        ts = grid(s, rho)
-        tab = exponential.step_tables(sde, sqrt, tuple(float(t) for t in ts), q, c,
-                                      max_gain=gain if math.isfinite(gain) else None)
-        x = runner(u0, {k: jnp.asarray(tab[k], u0.dtype) for k in exponential.SCAN_KEYS})
-        x = np.asarray(x[..., 0], np.float64)
-        e = float(np.mean(np.linalg.norm(x - ref, axis=1)))
-        return e if np.isfinite(e) else np.inf
+        return _run_error(sde, runner, u0, ref, s, rho, q, c, gain, t_end)
 
     def s_of(z):
         w = np.exp(z)
@@ -279,23 +269,35 @@ def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, l
     return out
 
 
-def _entry_error(sde, runner, u0, ref, e: dict, t_end: float) -> float:
-    """Mean L2 error (data coordinate, against ``ref``) of a stored entry run as the plan runs it: its grid
-    guarded by its bound, its per-step orders controlled (``runner``: the jitted multistep scan)."""
+def _guarded_grid(sde, s, rho: float, gain: float, t_end: float) -> np.ndarray:
+    """The time grid the plan runs for power-grid nodes ``s``: guarded when the bound ``gain`` is finite."""
+    from diffusion_jax.samplers import exponential
+    from diffusion_jax.samplers.defaults import power_grid
+    ts = power_grid(np.asarray(s, np.float64), rho, sde.T, t_end)
+    return exponential.guard_grid(sde, square_root(sde, "R"), ts, gain) if math.isfinite(gain) else ts
+
+
+def _run_error(sde, runner, u0, ref, s, rho: float, order: int, corrector: int, gain: float,
+               t_end: float) -> float:
+    """Mean L2 error (data coordinate, against ``ref``) of one configuration run as the plan runs it: its grid
+    guarded by the bound, its per-step orders controlled (``runner``: the jitted multistep scan); inf if not
+    finite."""
     import jax.numpy as jnp
 
     from diffusion_jax.samplers import exponential
-    from diffusion_jax.samplers.defaults import power_grid
-    sqrt = square_root(sde, "R")
-    gain = math.inf if e.get("max_gain") is None else float(e["max_gain"])
-    ts = power_grid(np.asarray(e["s"], np.float64), float(e["rho"]), sde.T, t_end)
-    if math.isfinite(gain):
-        ts = exponential.guard_grid(sde, sqrt, ts, gain)
-    tab = exponential.step_tables(sde, sqrt, tuple(float(t) for t in ts), int(e["order"]), int(e["corrector"]),
+    ts = _guarded_grid(sde, s, rho, gain, t_end)
+    tab = exponential.step_tables(sde, square_root(sde, "R"), tuple(float(t) for t in ts), order, corrector,
                                   max_gain=gain if math.isfinite(gain) else None)
     x = runner(u0, {k: jnp.asarray(tab[k], u0.dtype) for k in exponential.SCAN_KEYS})
     err = float(np.mean(np.linalg.norm(np.asarray(x[..., 0], np.float64) - ref, axis=1)))
     return err if np.isfinite(err) else math.inf
+
+
+def _entry_error(sde, runner, u0, ref, e: dict, t_end: float) -> float:
+    """:func:`_run_error` of a stored table entry (its nodes, rho, order, corrector and bound)."""
+    gain = math.inf if e.get("max_gain") is None else float(e["max_gain"])
+    return _run_error(sde, runner, u0, ref, e["s"], float(e["rho"]), int(e["order"]), int(e["corrector"]), gain,
+                      t_end)
 
 
 def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samples: int = 128, seed: int = 100,
