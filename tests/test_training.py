@@ -2,6 +2,7 @@
 learning. (Multi-process runs, SIGKILL and multi-host preemption: tests/test_multihost.py.)"""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -269,6 +270,15 @@ def test_load_run_uses_the_config_in_the_checkpoint(tmp_path):
     assert exp.config.model.kwargs.hidden == 24 and exp.config.model.kwargs == c.model.kwargs
     for a, b in zip(jax.tree_util.tree_leaves(out["state"].params), jax.tree_util.tree_leaves(state.params)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+    # a run written before training.tensorboard existed: its saved config lacks the field
+    meta = tmp_path / "checkpoints" / "4" / "config" / "metadata"
+    saved = json.loads(meta.read_text())
+    del saved["training"]["tensorboard"]
+    meta.write_text(json.dumps(saved))
+    exp, _ = load_run(str(tmp_path))
+    assert exp.config.training.tensorboard is True
+    assert json.loads(exp.config.to_json_best_effort()) == json.loads(c.to_json_best_effort())
 
 
 def test_tensorboard_summaries_match_metrics_csv_and_can_be_switched_off(tmp_path):

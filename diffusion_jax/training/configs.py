@@ -77,6 +77,27 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Sections whose fields say how a run is trained, kept and laid out on devices. A field added to them after a
+# run was written (e.g. training.tensorboard) takes its default when the run's saved config is read back; the
+# other sections are left as saved (model.kwargs and family are free-form, and a missing sampling option means
+# "the method's default", which a filled-in value would override).
+RUN_SETTINGS = ("training", "optim", "mesh")
+
+
+def complete_saved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` (a saved run's) with the :data:`RUN_SETTINGS` fields it predates set to their defaults
+    (:func:`base_config`); fields it has are kept. Modifies and returns ``config``."""
+    defaults = base_config()
+    for section in RUN_SETTINGS:
+        if section not in config:
+            config[section] = defaults[section]
+            continue
+        for name, value in defaults[section].items():
+            if name not in config[section]:
+                config[section][name] = value
+    return config
+
+
 def toy2d(family: str, toy_name: str = "checkerboard", **family_params) -> ml_collections.ConfigDict:
     c = base_config()
     c.family = family_config(family, **family_params)

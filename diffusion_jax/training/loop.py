@@ -203,8 +203,9 @@ def load_run(workdir: str, config=None, step: int | None = None) -> tuple[Experi
     """(experiment, train state) of a finished or running workdir.
 
     The config is the one saved in the checkpoint (``config`` overrides it, e.g. to change sampling
-    settings); the state is restored into a ``jax.eval_shape`` target, replicated over this
-    process's mesh (no throw-away initialisation).
+    settings); training settings it predates take their defaults (:func:`.configs.complete_saved`). The
+    state is restored into a ``jax.eval_shape`` target, replicated over this process's mesh (no throw-away
+    initialisation).
     """
     import ml_collections
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -219,6 +220,7 @@ def load_run(workdir: str, config=None, step: int | None = None) -> tuple[Experi
             saved, _ = ckpt.restore_config(step)
             config = ml_collections.ConfigDict(saved)
             _retuple(config)
+            configs.complete_saved(config)          # a run written before a training setting existed
         exp = build_experiment(config, data_shape_of(config))
         mesh = make_mesh(config)
         replicated, _ = shardings(mesh)
