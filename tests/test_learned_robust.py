@@ -120,6 +120,13 @@ def test_tuner_measures_candidates_under_the_bound(tmp_path):
     # the plan reads it back: nothing chosen -> this grid and bound
     cfg = defaults.gddim_defaults(sde, 4, sde.T, 1e-3, table=defaults.load_table(path))
     assert cfg["max_gain"] == 3.0 and np.allclose(cfg["ts"], ts)
+    # a retune of one cell under another bound: its entry records that bound, its command is appended, and the
+    # setup stays the first run's (which still describes the other entries)
+    again = bench_solvers.tune(path, families=("vp",), nfes=(4,), n_samples=8, rhos=(6.0,), rounds=0,
+                               max_gain=10.0)
+    assert again["entries"][defaults.family_key(sde)]["4"]["max_gain"] == 10.0
+    assert again["setup"]["max_gain"] == {"4": 3.0, "20": 50.0} and again["setup"]["rounds"] == 1
+    assert len(again["commands"]) == 2 and "--max-gain 10 " in again["commands"][1]
     with pytest.raises(ValueError, match="max_gain must be > 0"):
         bench_solvers.tune(path, families=("vp",), nfes=(4,), max_gain=0.0)
 

@@ -363,8 +363,10 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
         table["entries"] = old.get("entries", {})
         before = old.get("commands", [old["command"]] if "command" in old else [])
         table["commands"] = before + table["commands"]
-        if before and old.get("setup", {}).get("max_gain") == table["setup"]["max_gain"]:
-            table["setup"] = old["setup"]           # the first run's setup; the later ones are in their commands
+        if before and "setup" in old:
+            # the first run's setup (its entries stay); a later run is described by its command and by the
+            # n_samples, seed and max_gain of the entries it wrote
+            table["setup"] = old["setup"]
     for fam in families:
         sde = sdes.make(FAMILIES[fam][0], **FAMILIES[fam][1])
         fn = exact_eps_fn(sde, mix)
