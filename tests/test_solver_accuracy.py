@@ -212,9 +212,13 @@ def _step_gain(sde, t, t_next):
 
 def test_stored_grids_are_within_their_gain_bound():
     """The tuner measured every candidate under the bound (bench-solvers --tune): each stored grid's steps
-    (all but the last, which the guard never moves) have eps-error gain <= the entry's max_gain."""
+    (all but the last, which the guard never moves) have eps-error gain <= the entry's max_gain, and that
+    bound is the one the table's first run or one of its retunes (its ``commands``) gives that NFE."""
+    from diffusion_jax.apps.bench_solvers import parse_gain
     table = defaults.load_table()
     assert table["setup"]["max_gain"] is not None
+    specs = [table["setup"]["max_gain"]] + [parse_gain(c.split("--max-gain ")[1].split()[0])
+                                            for c in table["commands"] if "--max-gain " in c]
     names = {"vp": ("vp", {}), "cld": ("cld", {}), "psld": ("psld", {}), "told": ("told", {}),
              "cdhold": ("cdhold", {"n": 4})}
     for name, params in names.values():
@@ -222,8 +226,9 @@ def test_stored_grids_are_within_their_gain_bound():
         entry = table["entries"][defaults.family_key(sde)]
         assert {"5", "10", "20", "50"} <= set(entry), (name, sorted(entry))
         for nfe, e in entry.items():
-            bound = defaults.gain_at(table["setup"]["max_gain"], int(nfe))
-            assert e["max_gain"] == bound and 0 < bound < np.inf, (name, nfe, e["max_gain"])
+            bound = e["max_gain"]
+            assert 0 < bound < np.inf and any(defaults.gain_at(sp, int(nfe)) == bound for sp in specs), (
+                name, nfe, bound)
             ts = defaults.power_grid(np.asarray(e["s"]), e["rho"], sde.T, T_END)
             gains = [_step_gain(sde, ts[i], ts[i + 1]) for i in range(len(ts) - 2)]
             # 1e-5: the R root and the Cholesky factor of a near-singular Sigma (cond 4e7 for cdhold4 at

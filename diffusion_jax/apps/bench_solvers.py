@@ -191,7 +191,8 @@ TUNE_RHOS = (2.0, 3.0, 4.0, 6.0)
 # The eps-error gain bound the defaults are tuned under, per NFE (the nearest NFE's between them): 5 at NFE 5,
 # 3 from NFE 10 on. Chosen on learned networks (digits CLD / CD-HOLD 3 / VP, bench-nfe fd-pixels from the same
 # noise) against the exact-score error: at NFE 5 a bound of 3 leaves too little of the interval to the other
-# steps (exact-score error 0.63 for vp, 0.76 for cld), at NFE >= 10 it costs little and is the safer one.
+# steps (exact-score error 0.63 for vp, 0.76 for cld), at NFE >= 10 it costs little and is the safer one. (The
+# stored VP NFE 5 entry is a retune under 10: see the table's commands and the README.)
 TUNE_MAX_GAIN: dict = {5: 5.0, 10: 3.0}
 
 
