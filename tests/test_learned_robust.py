@@ -140,7 +140,6 @@ def test_tuner_validation_keeps_the_better_entry(tmp_path):
     from diffusion_jax import exact
     from diffusion_jax.apps import bench_solvers
     from diffusion_jax.exact import exact_eps_fn
-    from diffusion_jax.param import Model
     from diffusion_jax.samplers import defaults
 
     sde = sdes.make("vp")
@@ -151,11 +150,9 @@ def test_tuner_validation_keeps_the_better_entry(tmp_path):
     assert tuned["n_samples"] == 8 and tuned["seed"] == 100 and "validation" not in tuned
     # held-out errors of any entry, run as the plan runs it
     fn = exact_eps_fn(sde, exact.ring_of_gaussians(8, 1.0, 0.01))
-    model = Model(sde, fn, "eps", "R")
-    runner = jax.jit(lambda u, tab: exponential.multistep_scan(sde, model, u, tab)[0])
+    runner = bench_solvers._scan_runner(sde, fn)
     uv = prior_init(sde, jax.random.PRNGKey(200), 16, (2,))
-    rv, _ = sample(sde, fn, uv, method="dopri5", rtol=1e-7, atol=1e-7, t_end=1e-3, max_steps=100_000)
-    rv = np.asarray(rv[..., 0], np.float64)
+    rv = bench_solvers._reference_x(sde, fn, uv, 1e-3)
     err = lambda e: bench_solvers._entry_error(sde, runner, uv, rv, e, 1e-3)
 
     # a worse stored entry (order 1 on a grid uniform in t, same bound) is replaced

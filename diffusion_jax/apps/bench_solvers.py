@@ -196,7 +196,7 @@ TUNE_RHOS = (2.0, 3.0, 4.0, 6.0)
 TUNE_MAX_GAIN: dict = {5: 5.0, 10: 3.0}
 
 
-def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, log, max_gain=math.inf,
+def _tune_family(sde, runner, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, log, max_gain=math.inf,
                  starts: int = 1):
     """Per NFE: best (order, corrector, rho) on uniform s, then coordinate descent on log s-increments
     (``starts`` > 1: from each of that many best uniform-s configurations, keeping the best descended one;
@@ -206,13 +206,9 @@ def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, l
     ``max_gain``: a number, or {nfe: bound} (:func:`defaults.gain_at`: the nearest NFE's). With a finite bound
     every candidate is run as the plan will run it: its grid guarded
     (:func:`exponential.guard_grid`) and its per-step orders controlled (``step_tables(max_gain=...)``), so
-    the optimum is the best *bounded* configuration; the stored s is that of the guarded grid."""
-    from diffusion_jax.param import Model
-    from diffusion_jax.samplers import exponential
+    the optimum is the best *bounded* configuration; the stored s is that of the guarded grid. ``runner``:
+    :func:`_scan_runner`."""
     from diffusion_jax.samplers.defaults import gain_at
-
-    model = Model(sde, fn, "eps", "R")
-    runner = jax.jit(lambda u, tab: exponential.multistep_scan(sde, model, u, tab)[0])
 
     gain = math.inf                                # the current NFE's bound (set in the loop below)
 
@@ -268,6 +264,20 @@ def _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, l
         log(f"  nfe={nfe}: order={q} corrector={c} rho={rho:g} max_gain={gain:g}: {e0:.3e} (uniform s) -> "
             f"{e_best:.3e} (tuned)")
     return out
+
+
+def _scan_runner(sde, fn):
+    """The jitted multistep scan on the exact eps ``fn`` (tables as arguments: one compile per grid length)."""
+    from diffusion_jax.param import Model
+    from diffusion_jax.samplers import exponential
+    model = Model(sde, fn, "eps", "R")
+    return jax.jit(lambda u, tab: exponential.multistep_scan(sde, model, u, tab)[0])
+
+
+def _reference_x(sde, fn, u0, t_end: float) -> np.ndarray:
+    """Data coordinate (float64) of the Dopri5 reference solve from ``u0`` (the error's reference)."""
+    ref, _ = sample(sde, fn, u0, method="dopri5", rtol=1e-7, atol=1e-7, t_end=t_end, max_steps=100_000)
+    return np.asarray(ref[..., 0], np.float64)
 
 
 def _guarded_grid(sde, s, rho: float, gain: float, t_end: float) -> np.ndarray:
@@ -372,23 +382,18 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
         sde = sdes.make(FAMILIES[fam][0], **FAMILIES[fam][1])
         fn = exact_eps_fn(sde, mix)
         u0 = prior_init(sde, jax.random.PRNGKey(seed), n_samples, (2,))
-        ref, _ = sample(sde, fn, u0, method="dopri5", rtol=1e-7, atol=1e-7, t_end=t_end, max_steps=100_000)
-        ref = np.asarray(ref[..., 0], np.float64)
+        ref = _reference_x(sde, fn, u0, t_end)
+        runner = _scan_runner(sde, fn)              # shared by the tuning and the held-out runs
         print(f"[tune {fam}]", flush=True)
         from diffusion_jax.samplers.defaults import family_key
         entry = table["entries"].setdefault(family_key(sde), {})
-        new = _tune_family(sde, fn, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end,
+        new = _tune_family(sde, runner, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end,
                            lambda m: print(m, flush=True), spec, starts)
         for e in new.values():
             e.update(n_samples=n_samples, seed=seed)
         if validate:
-            from diffusion_jax.param import Model
-            from diffusion_jax.samplers import exponential
-            model = Model(sde, fn, "eps", "R")
-            runner = jax.jit(lambda u, tab: exponential.multistep_scan(sde, model, u, tab)[0])
             uv = prior_init(sde, jax.random.PRNGKey(validate_seed), validate, (2,))
-            rv, _ = sample(sde, fn, uv, method="dopri5", rtol=1e-7, atol=1e-7, t_end=t_end, max_steps=100_000)
-            rv = np.asarray(rv[..., 0], np.float64)
+            rv = _reference_x(sde, fn, uv, t_end)
             for nfe, e in new.items():
                 e["validation"] = dict(n=validate, seed=validate_seed,
                                        error=_entry_error(sde, runner, uv, rv, e, t_end))
