@@ -350,6 +350,9 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
             raise ValueError(f"max_gain must be > 0 (inf: no bound), got {max_gain}")
     gain_at(spec, 10)
     arg = ",".join(f"{k}:{v:g}" for k, v in spec.items()) if isinstance(spec, dict) else f"{spec:g}"
+    rhos = tuple(float(r) for r in rhos)
+    if not rhos or not all(math.isfinite(r) and r > 0 for r in rhos):
+        raise ValueError(f"rhos (power-grid exponents) must be finite and > 0, got {rhos}")
     if validate < 0 or (validate and validate_seed in (seed, 0)):
         raise ValueError(f"validate must be >= 0 and validate_seed ({validate_seed}) distinct from the tuning seed "
                          f"({seed}) and the benchmark's (0)")
@@ -358,6 +361,7 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
                + (f" --nfe {','.join(str(n) for n in nfes)}" if tuple(nfes) != TUNE_NFES else "")
                + (f" --tune-samples {n_samples}" if n_samples != 128 else "")
                + (f" --tune-starts {starts}" if starts != 1 else "")
+               + (f" --tune-rhos {','.join(f'{r:g}' for r in rhos)}" if tuple(rhos) != TUNE_RHOS else "")
                + (f" --validate {validate}" if validate else ""))
     table = dict(commands=[command],
                  setup=dict(data="ring_of_gaussians(8, 1.0, 0.01)", n_samples=n_samples, seed=seed, t_end=t_end,
@@ -447,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-samples", type=int, default=128, help="--tune: prior draws tuned on (seed 100)")
     p.add_argument("--tune-starts", type=int, default=1,
                    help="--tune: descend from this many of the best uniform-grid configurations (default 1)")
+    p.add_argument("--tune-rhos", default=None,
+                   help="--tune: comma list of power-grid exponents p searched (default "
+                        + ",".join(f"{r:g}" for r in TUNE_RHOS) + ")")
     p.add_argument("--validate", type=int, default=0,
                    help="--tune: replace a stored entry only if the new one is better on this many held-out draws "
                         "(seed 200); 0: always replace")
@@ -459,8 +466,12 @@ def main(argv: list[str] | None = None) -> int:
         peers.run(a.out, nfes, a.n_samples)
     elif a.tune:
         nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else TUNE_NFES
+        try:
+            rhos = tuple(float(r) for r in a.tune_rhos.split(",")) if a.tune_rhos else TUNE_RHOS
+        except ValueError as e:
+            raise ValueError(f"--tune-rhos takes a comma list of numbers, e.g. 1,1.5,2,3; got {a.tune_rhos!r}") from e
         tune(a.tune_out, tuple(split(a.families) or TUNE_FAMILIES), nfes, n_samples=a.tune_samples,
-             max_gain=parse_gain(a.max_gain), validate=a.validate, starts=a.tune_starts)
+             max_gain=parse_gain(a.max_gain), validate=a.validate, starts=a.tune_starts, rhos=rhos)
     else:
         nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else NFES
         run(a.out, split(a.families), split(a.samplers), nfes, a.n_samples)
