@@ -127,11 +127,13 @@ def test_tuner_measures_candidates_under_the_bound(tmp_path):
     assert again["entries"][defaults.family_key(sde)]["4"]["max_gain"] == 10.0
     assert again["setup"]["max_gain"] == {"4": 3.0, "20": 50.0} and again["setup"]["rounds"] == 1
     assert len(again["commands"]) == 2 and "--max-gain 10 " in again["commands"][1]
-    assert again["commands"][1].endswith("--tune-rhos 6")          # a non-default exponent set is replayable
+    assert again["commands"][1].endswith("--tune-rhos 6 --tune-rounds 0")    # non-default search: replayable
     with pytest.raises(ValueError, match="max_gain must be > 0"):
         bench_solvers.tune(path, families=("vp",), nfes=(4,), max_gain=0.0)
     with pytest.raises(ValueError, match=r"rhos \(power-grid exponents\) must be finite and > 0"):
         bench_solvers.tune(path, families=("vp",), nfes=(4,), rhos=(0.0, 2.0))
+    with pytest.raises(ValueError, match="rounds must be >= 0"):
+        bench_solvers.main(["--tune", "--tune-rounds", "-1", "--tune-out", path])
     with pytest.raises(ValueError, match="--tune-rhos takes a comma list of numbers"):
         bench_solvers.main(["--tune", "--tune-rhos", "1,x", "--tune-out", path])
 

@@ -353,6 +353,8 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
     rhos = tuple(float(r) for r in rhos)
     if not rhos or not all(math.isfinite(r) and r > 0 for r in rhos):
         raise ValueError(f"rhos (power-grid exponents) must be finite and > 0, got {rhos}")
+    if rounds < 0 or starts < 1:
+        raise ValueError(f"rounds must be >= 0 and starts >= 1, got rounds={rounds}, starts={starts}")
     if validate < 0 or (validate and validate_seed in (seed, 0)):
         raise ValueError(f"validate must be >= 0 and validate_seed ({validate_seed}) distinct from the tuning seed "
                          f"({seed}) and the benchmark's (0)")
@@ -362,6 +364,7 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
                + (f" --tune-samples {n_samples}" if n_samples != 128 else "")
                + (f" --tune-starts {starts}" if starts != 1 else "")
                + (f" --tune-rhos {','.join(f'{r:g}' for r in rhos)}" if tuple(rhos) != TUNE_RHOS else "")
+               + (f" --tune-rounds {rounds}" if rounds != 2 else "")
                + (f" --validate {validate}" if validate else ""))
     table = dict(commands=[command],
                  setup=dict(data="ring_of_gaussians(8, 1.0, 0.01)", n_samples=n_samples, seed=seed, t_end=t_end,
@@ -451,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-samples", type=int, default=128, help="--tune: prior draws tuned on (seed 100)")
     p.add_argument("--tune-starts", type=int, default=1,
                    help="--tune: descend from this many of the best uniform-grid configurations (default 1)")
+    p.add_argument("--tune-rounds", type=int, default=2,
+                   help="--tune: coordinate-descent sweeps over the grid nodes (default 2)")
     p.add_argument("--tune-rhos", default=None,
                    help="--tune: comma list of power-grid exponents p searched (default "
                         + ",".join(f"{r:g}" for r in TUNE_RHOS) + ")")
@@ -471,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise ValueError(f"--tune-rhos takes a comma list of numbers, e.g. 1,1.5,2,3; got {a.tune_rhos!r}") from e
         tune(a.tune_out, tuple(split(a.families) or TUNE_FAMILIES), nfes, n_samples=a.tune_samples,
-             max_gain=parse_gain(a.max_gain), validate=a.validate, starts=a.tune_starts, rhos=rhos)
+             max_gain=parse_gain(a.max_gain), validate=a.validate, starts=a.tune_starts, rhos=rhos,
+             rounds=a.tune_rounds)
     else:
         nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else NFES
         run(a.out, split(a.families), split(a.samplers), nfes, a.n_samples)
