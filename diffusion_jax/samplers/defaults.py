@@ -4,7 +4,7 @@ an eps-error gain bound.
 ``sample(sde, fn, u, method="gddim", nfe=N)`` with nothing else chosen runs the denoiser form
 (:mod:`.exponential`) and takes its multistep order, its corrector, its time grid and its gain bound
 ``max_gain`` from here. The grids are data (``tuned_grids.json`` beside this file), written by
-``python -m diffusion_jax bench-solvers --tune`` and validated retunes of single cells (the table's ``commands``;
+``python -m diffusion_jax bench-solvers --tune`` and validated retunes of some cells (the table's ``commands``;
 see ``diffusion_jax.apps.bench_solvers.tune``): for each
 family (at its default parameters) and NFE, every (order, corrector) on power grids
 t = (t_end^{1/p} + s (t_start^{1/p} - t_end^{1/p}))^p, s uniform, is measured, and the best one's nodes s_i
