@@ -188,6 +188,7 @@ def best_table(rows: list[dict]) -> list[str]:
 TUNE_FAMILIES = ("vp", "cld", "psld", "told", "cdhold4", "cdhold3")
 TUNE_NFES = (5, 10, 20, 50)
 TUNE_RHOS = (2.0, 3.0, 4.0, 6.0)
+TUNE_ROUNDS = 2                                 # coordinate-descent sweeps
 # The eps-error gain bound the defaults are tuned under, per NFE (the nearest NFE's between them): 5 at NFE 5,
 # 3 from NFE 10 on. Chosen on learned networks (digits CLD / CD-HOLD 3 / VP, bench-nfe fd-pixels from the same
 # noise) against the exact-score error: at NFE 5 a bound of 3 leaves too little of the interval to the other
@@ -312,7 +313,7 @@ def _entry_error(sde, runner, u0, ref, e: dict, t_end: float) -> float:
 
 
 def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samples: int = 128, seed: int = 100,
-         t_end: float = 1e-3, rhos=TUNE_RHOS, rounds: int = 2, descent_max_nfe: int = 20,
+         t_end: float = 1e-3, rhos=TUNE_RHOS, rounds: int = TUNE_ROUNDS, descent_max_nfe: int = 20,
          max_gain: float | dict | None = None, validate: int = 0, validate_seed: int = 200, starts: int = 1) -> dict:
     """Measure and store the gddim defaults (see :mod:`diffusion_jax.samplers.defaults`).
 
@@ -364,7 +365,7 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
                + (f" --tune-samples {n_samples}" if n_samples != 128 else "")
                + (f" --tune-starts {starts}" if starts != 1 else "")
                + (f" --tune-rhos {','.join(f'{r:g}' for r in rhos)}" if tuple(rhos) != TUNE_RHOS else "")
-               + (f" --tune-rounds {rounds}" if rounds != 2 else "")
+               + (f" --tune-rounds {rounds}" if rounds != TUNE_ROUNDS else "")
                + (f" --validate {validate}" if validate else ""))
     table = dict(commands=[command],
                  setup=dict(data="ring_of_gaussians(8, 1.0, 0.01)", n_samples=n_samples, seed=seed, t_end=t_end,
@@ -454,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-samples", type=int, default=128, help="--tune: prior draws tuned on (seed 100)")
     p.add_argument("--tune-starts", type=int, default=1,
                    help="--tune: descend from this many of the best uniform-grid configurations (default 1)")
-    p.add_argument("--tune-rounds", type=int, default=2,
-                   help="--tune: coordinate-descent sweeps over the grid nodes (default 2)")
+    p.add_argument("--tune-rounds", type=int, default=TUNE_ROUNDS,
+                   help=f"--tune: coordinate-descent sweeps over the grid nodes (default {TUNE_ROUNDS})")
     p.add_argument("--tune-rhos", default=None,
                    help="--tune: comma list of power-grid exponents p searched (default "
                         + ",".join(f"{r:g}" for r in TUNE_RHOS) + ")")
