@@ -181,3 +181,35 @@ def test_tuner_validation_keeps_the_better_entry(tmp_path):
     assert e["s"] == tuned["s"] and e["rho"] == tuned["rho"]
     with pytest.raises(ValueError, match="validate_seed"):
         bench_solvers.tune(path, families=("vp",), nfes=(4,), validate=16, validate_seed=100)
+
+
+def test_single_step_tuner_stores_what_the_plan_runs(tmp_path, monkeypatch):
+    """bench-solvers --tune --tune-stages: the entry (layout, fractions, guarded grid) is read back by the plan
+    with nothing chosen, its steps are within the bound, and the error the tuner measured for it is the error of
+    that sample() run on the same draws."""
+    from diffusion_jax import exact
+    from diffusion_jax.apps import bench_solvers
+    from diffusion_jax.samplers import defaults, plan, prior_init, sample
+    path = str(tmp_path / "tuned.json")
+    table = bench_solvers.tune(path, families=("vp",), nfes=(5,), n_samples=8, rhos=(3.0,), rounds=1,
+                               max_gain=3.0, stages=(1, 2, 2))
+    sde = sdes.make("vp")
+    e = table["entries"][defaults.family_key(sde)]["5"]
+    assert e["stages"] == [1, 2, 2] and len(e["fractions"]) == 3 and e["max_gain"] == 3.0
+    assert table["commands"][-1].endswith("--tune-rhos 3 --tune-rounds 1 --tune-stages 1,2,2")
+    ts = defaults.power_grid(np.asarray(e["s"]), e["rho"], sde.T, 1e-3)
+    assert max(_gain(sde, ts[i], ts[i + 1]) for i in range(len(ts) - 2)) <= 3.0 * (1 + 1e-6)
+    monkeypatch.setattr(defaults, "load_table", lambda path=path: table)
+    plan._plan.cache_clear()
+    mix = exact.ring_of_gaussians(8, 1.0, 0.01)
+    fn = bench_solvers.exact_eps_fn(sde, mix)
+    u0 = prior_init(sde, jax.random.PRNGKey(100), 8, (2,))
+    u, info = sample(sde, fn, u0, method="gddim", nfe=5, t_end=1e-3)
+    plan._plan.cache_clear()
+    assert info.config["stages"] == (1, 2, 2) and info.nfe == 5
+    assert np.allclose(info.config["steps"], ts, rtol=1e-9)
+    ref = bench_solvers._reference_x(sde, fn, u0, 1e-3)
+    err = float(np.mean(np.linalg.norm(np.asarray(u[..., 0], np.float64) - ref, axis=1)))
+    assert np.isclose(err, e["tune_error"], rtol=1e-5), (err, e["tune_error"])
+    with pytest.raises(ValueError, match="stages must be counts in 1..3"):
+        bench_solvers.tune(path, families=("vp",), nfes=(6,), stages=(1, 2, 2))

@@ -22,6 +22,7 @@ from diffusion_jax import exact, sdes
 from diffusion_jax.exact import exact_eps_fn
 from diffusion_jax.param import Model, square_root
 from diffusion_jax.samplers import defaults, exponential, gddim, prior_init, sample, time_grid
+from diffusion_jax.samplers.plan import _layout
 from test_samplers import X_STAR, dirac_denoiser
 
 T_END = 1e-3
@@ -37,11 +38,21 @@ EPS_KEYS = ("t", "coef", "zcoef", "m_next", "r_next", "w", "w_hat", "kz", "kt", 
 
 def _padded_tables(sde, nfe, order, corrector, form):
     """The float32 tables of one run, padded to N_MAX rows by no-op steps at t_0 placed first (u -> m D + R eps
-    = u; their D/eps enter the history only in slots whose coefficients are zero), and to the widest history."""
-    grid = tuple(float(t) for t in time_grid(sde, nfe, "power", t_end=T_END, rho=4.0))
+    = u; their D/eps enter the history only in slots whose coefficients are zero), and to the widest history.
+    form "single": the single-step method with ``order`` stages per step (fractions: defaults when
+    ``corrector`` < 0, else skewed ones)."""
     sqrt = square_root(sde, "R")
-    if form == "denoiser":
-        tab = exponential.step_tables(sde, sqrt, grid, order, corrector)
+    if form == "single":
+        layout, fr = _layout(nfe, order, None)
+        if corrector >= 0:
+            fr = tuple(tuple(0.8 * r ** 2 + 0.1 for r in f) for f in fr)
+        grid = tuple(float(t) for t in time_grid(sde, len(layout), "power", t_end=T_END, rho=3.0))
+        tab = exponential.single_step_tables(sde, sqrt, grid, layout, fr)
+    else:
+        grid = tuple(float(t) for t in time_grid(sde, nfe, "power", t_end=T_END, rho=4.0))
+    if form == "denoiser" or form == "single":
+        if form == "denoiser":
+            tab = exponential.step_tables(sde, sqrt, grid, order, corrector)
         tab = {k: tab[k] for k in exponential.SCAN_KEYS}
         widths = {"v": 6, "zv": 6, "g": 6}
         noop = dict(m_next=tab["m_next"][:1] * 0 + sde.transition_np(t=grid[0], s=0.0)[..., :, 0], b=sqrt.np(grid[0])[None])
@@ -65,24 +76,26 @@ def _runners(sde):
     model = Model(sde, dirac_denoiser, "denoiser", "R")
 
     def den_step(carry, row):
-        u, c, z, hist = carry
+        u, c, z, hist, base = carry
         eps, d = model.carried(u, row["t"], c, z, row)
-        _, u, c, z, hist = exponential.multistep_step(sde, row, u, c, z, eps, d, hist)
-        return (u, c, z, hist), None
+        _, u, c, z, hist, base = exponential.multistep_step(sde, row, u, c, z, eps, d, hist, base)
+        return (u, c, z, hist, base), None
 
     def eps_step(carry, row):
         u, c, z, hist = carry
         u, c, z, hist, _ = gddim.gddim_step(sde, model, row["t"], row, u, c, z, hist)
         return (u, c, z, hist), None
 
-    def make(step, hist_shape):
+    def make(step, hist_shape, base):
         def one(tab, u0):
             c, z = exponential.carried_start(sde, u0, tab["s_inv"][0])
             hist = jnp.zeros(hist_shape(tab, u0), u0.dtype)
-            return jax.lax.scan(step, (u0, c, z, hist), tab)[0][0]
+            init = (u0, c, z, hist) + ((jnp.zeros_like(u0), jnp.zeros_like(c)),) * base
+            return jax.lax.scan(step, init, tab)[0][0]
         return jax.jit(jax.vmap(one, in_axes=(0, None)))
-    return {"denoiser": make(den_step, lambda tab, u0: (tab["v"].shape[1],) + u0.shape[:-1]),
-            "eps": make(eps_step, lambda tab, u0: (tab["coef"].shape[1],) + u0.shape)}
+    den = make(den_step, lambda tab, u0: (tab["v"].shape[1],) + u0.shape[:-1], True)
+    return {"denoiser": den, "single": den,
+            "eps": make(eps_step, lambda tab, u0: (tab["coef"].shape[1],) + u0.shape, False)}
 
 
 @pytest.mark.parametrize("name,params", SINGLE_POINT_FAMS,
@@ -109,9 +122,12 @@ def test_every_order_is_exact_on_a_single_point_in_float32(name, params):
     scale = np.abs(ref).max()
     runners = _runners(sde)
     worst = {}
-    for form in ("eps", "denoiser"):
-        cases = [(nfe, q, c) for nfe in range(1, N_MAX + 1) for q in range(min(3, nfe - 1) + 1)
-                 for c in ((-1, q + 1) if form == "denoiser" and nfe in CORRECTOR_NFES else (-1,))]
+    for form in ("eps", "denoiser", "single"):
+        if form == "single":     # (nfe, stages per step, default (-1) or skewed (0) fractions)
+            cases = [(nfe, st, c) for nfe in (1,) + CORRECTOR_NFES for st in (2, 3) for c in (-1, 0)]
+        else:
+            cases = [(nfe, q, c) for nfe in range(1, N_MAX + 1) for q in range(min(3, nfe - 1) + 1)
+                     for c in ((-1, q + 1) if form == "denoiser" and nfe in CORRECTOR_NFES else (-1,))]
         tabs = [_padded_tables(sde, nfe, q, c, form) for nfe, q, c in cases]
         stacked = {k: jnp.asarray(np.stack([t[k] for t in tabs])) for k in tabs[0]}
         u = np.asarray(runners[form](stacked, u0), np.float64)
@@ -120,7 +136,8 @@ def test_every_order_is_exact_on_a_single_point_in_float32(name, params):
         bad = [(case, float(e)) for case, e in zip(cases, errs) if not e <= SINGLE_POINT_TOL]
         assert not bad, (form, "(nfe, order, corrector), error", bad[:8])
     # the public entry point (the compiled scans; the denoiser form with its tuned defaults) keeps it too
-    for kw in (dict(), dict(predict="denoiser", max_gain=float("inf")), dict(predict="eps", order=3)):
+    for kw in (dict(), dict(predict="denoiser", max_gain=float("inf")), dict(predict="eps", order=3),
+               dict(stages=3), dict(stages=(2, 3, 3, 2), fractions=((0.9,), (0.1, 0.2), (0.5, 0.6), (0.3,)))):
         u, info = sample(sde, dirac_denoiser, u0, method="gddim", nfe=10, output="denoiser", t_end=T_END, **kw)
         err = np.abs(np.asarray(u, np.float64) - ref).max() / scale
         assert info.nfe == 10 and err <= SINGLE_POINT_TOL, (info.config, err)
@@ -157,6 +174,25 @@ def test_convergence_order_windows(cld_smooth, oc, window):
     errs = [_error(cld_smooth, n, *oc) for n in (64, 128)]
     slope = -np.log(errs[1] / errs[0]) / np.log(2.0)
     assert window[0] <= slope <= window[1], (oc, errs, slope)
+
+
+# stages -> (NFEs, window): 2 stages are of order 2, 3 of order 3 (measured slopes 1.92 at 64 -> 128 and 2.90
+# at 33 -> 66; the windows are ORDER_CASES' for orders 2 and 3, disjoint from the neighbouring orders')
+SINGLE_STEP_CASES = [(2, (64, 128), (1.6, 2.4)), (3, (33, 66), (2.5, 3.3))]
+
+
+@pytest.mark.parametrize("stages,nfes,window", SINGLE_STEP_CASES, ids=["s2", "s3"])
+def test_single_step_convergence_order(cld_smooth, stages, nfes, window):
+    """Single-step exponential RK (default stage fractions, uniform grid): slope of log err vs log NFE in its
+    order's window (the wrong stage base, weights or interpolant would drop it), smooth regime as above."""
+    sde, fn, u0, ref, _ = cld_smooth
+    errs = []
+    for nfe in nfes:
+        u, info = sample(sde, fn, u0, method="gddim", nfe=nfe, t_end=0.1, grid="uniform", stages=stages)
+        assert info.nfe == nfe and info.config["stages"] == (stages,) * (nfe // stages)
+        errs.append(float(jnp.mean(jnp.linalg.norm(u - ref, axis=(1, 2)))))
+    slope = -np.log(errs[1] / errs[0]) / np.log(nfes[1] / nfes[0])
+    assert window[0] <= slope <= window[1], (stages, errs, slope)
 
 
 def test_higher_order_is_more_accurate_at_fixed_nfe(cld_smooth):
@@ -268,3 +304,16 @@ def test_bad_gddim_options():
         sample(sde, fn, u0, method="gddim", nfe=5, predict="eps", corrector=2)
     with pytest.raises(ValueError, match="unknown interpolation variable"):
         exponential.denoiser_coefficients(sde, square_root(sde, "R"), (1.0, 0.5, 0.1), 1, -1, "sigma")
+    # single-step options
+    with pytest.raises(ValueError, match=r"gddim stages must be in 1..3"):
+        sample(sde, fn, u0, method="gddim", nfe=8, stages=4)
+    with pytest.raises(ValueError, match="sum to nfe=8"):
+        sample(sde, fn, u0, method="gddim", nfe=8, stages=(3, 3))
+    with pytest.raises(ValueError, match="order and corrector are the multistep options"):
+        sample(sde, fn, u0, method="gddim", nfe=8, stages=2, order=2)
+    with pytest.raises(ValueError, match="fractions place the stages"):
+        sample(sde, fn, u0, method="gddim", nfe=8, fractions=((0.5,),) * 4)
+    with pytest.raises(ValueError, match="stages - 1 increasing numbers in"):
+        sample(sde, fn, u0, method="gddim", nfe=4, stages=2, fractions=((0.5,), (1.2,)))
+    with pytest.raises(ValueError, match="single-step gddim .* is the denoiser form"):
+        sample(sde, fn, u0, method="gddim", nfe=4, stages=2, predict="eps")

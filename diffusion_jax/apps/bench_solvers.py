@@ -9,12 +9,15 @@ the sliced Wasserstein distance of their data coordinate to true mixture samples
 ``gddim_default`` is ``sample(method="gddim", nfe=N)`` with nothing else chosen (the denoiser form with the
 configuration tuned under its eps-error gain bound); ``gddim_q1`` is the eps form's order 1 on the uniform grid
 (the library default before the tuned bounded one); the ``gddimD_*`` entries
-are the denoiser-form multistep (order q, corrector c or none, power grid with exponent p). The summary
+are the denoiser-form multistep (order q, corrector c or none, power grid with exponent p), the ``gddimS*``
+entries the single-step exponential Runge-Kutta method (2 or 3 stages per step, default fractions, p = 3). The
+summary
 (``bench_solvers_best.md``) gives per family and NFE the best deterministic configuration tried and the
 default's error and ratio to it.
 
 :func:`tune` writes the defaults' table (``diffusion_jax/samplers/tuned_grids.json``):
-``python -m diffusion_jax bench-solvers --tune`` (tuned on its own prior draws, seed 100, not the benchmark's).
+``python -m diffusion_jax bench-solvers --tune`` (tuned on its own prior draws, seed 100, not the benchmark's);
+``--tune-stages`` tunes a single-step entry instead.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from diffusion_jax.evaluation.distances import sliced_wasserstein
 from diffusion_jax.exact import exact_eps_fn
 from diffusion_jax.param import square_root
 from diffusion_jax.samplers import prior_init, sample
+from diffusion_jax.samplers.exponential import default_fractions as exponential_fractions
 
 FAMILIES = {"vp": ("vp", {}), "cld": ("cld", {}), "told": ("told", {}), "cdhold4": ("cdhold", {"n": 4}),
             "psld": ("psld", {}), "cdhold3": ("cdhold", {"n": 3})}
@@ -60,6 +64,9 @@ for _q in (1, 2, 3):
                 "gddim", dict(order=_q, corrector=_c, grid="power", rho=_p, predict="denoiser"))
 for _q in (2, 3):
     SAMPLERS[f"gddim_q{_q}_p4"] = ("gddim", dict(order=_q, grid="power", rho=4.0, predict="eps"))
+# single-step exponential Runge-Kutta with 2 / 3 stages per step (default stage fractions), power grid p = 3
+for _s in (2, 3):
+    SAMPLERS[f"gddimS{_s}_p3"] = ("gddim", dict(stages=_s, grid="power", rho=3.0))
 STOCHASTIC = {"euler_maruyama", "sscs", "gddim_stoch"}
 
 
@@ -226,11 +233,8 @@ def _tune_family(sde, runner, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_en
     def z_of(s):                                   # the log increments of a decreasing s (inverse of s_of)
         return np.log(np.maximum(-np.diff(np.asarray(s, np.float64)), 1e-12))
 
-    def s_guarded(s, rho):                         # the s of the grid that runs (power map inverted)
-        lo, hi = t_end ** (1.0 / rho), sde.T ** (1.0 / rho)
-        out = (grid(s, rho) ** (1.0 / rho) - lo) / (hi - lo)
-        out[0], out[-1] = 1.0, 0.0
-        return out
+    def s_guarded(s, rho):                         # the s of the grid that runs
+        return _s_of_grid(sde, grid(s, rho), rho, t_end)
 
     out = {}
     for nfe in nfes:
@@ -267,6 +271,87 @@ def _tune_family(sde, runner, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_en
     return out
 
 
+def _s_of_grid(sde, ts: np.ndarray, rho: float, t_end: float) -> np.ndarray:
+    """The power-grid nodes s of a grid (the power map inverted; the ends pinned to 1 and 0)."""
+    lo, hi = t_end ** (1.0 / rho), sde.T ** (1.0 / rho)
+    out = (np.asarray(ts, np.float64) ** (1.0 / rho) - lo) / (hi - lo)
+    out[0], out[-1] = 1.0, 0.0
+    return out
+
+
+def _tune_layout(sde, runner, u0, ref, layout: tuple[int, ...], rho: float, gain: float, t_end: float,
+                 starts: int, rounds: int, log, stored: dict | None = None) -> dict:
+    """A single-step entry for ``layout`` (stages per step): coordinate descent over the grid nodes s and every
+    step's stage fractions together (step 0.08, halved after each converged sweep, ``rounds`` halvings), from
+    the uniform grid with the default fractions and from ``starts`` - 1 perturbations of it (normal, sd 0.05,
+    seeds 1, 2, ...): the error surface has many local minima (TOLD NFE 10, stages 2,3,3,2 unbounded: the
+    descended errors of 10 starts spread over 2e-2 .. 6e-2). ``stored``: an entry of the same layout, rho and
+    bound (a retune), descended from first (on this run's draws). Every candidate runs on its grid guarded by the
+    gain bound, as the plan runs it; fractions stay in [0.05, 0.95]."""
+    n = len(layout)
+    x0 = np.concatenate([np.linspace(1.0, 0.0, n + 1)[1:-1]] + [exponential_fractions(st) for st in layout])
+
+    def unpack(x):
+        fr, k = [], n - 1
+        for st in layout:
+            fr.append(tuple(float(r) for r in x[k:k + st - 1]))
+            k += st - 1
+        return np.concatenate([[1.0], x[:n - 1], [0.0]]), tuple(fr)
+
+    def err(x):
+        s, fr = unpack(x)
+        if np.any(np.diff(s) >= 0) or not all(a < b for f in fr for a, b in zip((0.05,) + f, f + (0.95,))):
+            return math.inf
+        return _single_error(sde, runner, u0, ref, s, rho, layout, fr, gain, t_end)
+
+    inits = [x0 + (np.random.default_rng(k).normal(0.0, 0.05, x0.shape) if k else 0.0) for k in range(starts)]
+    if stored is not None:
+        inits.insert(0, np.concatenate([stored["s"][1:-1]] + [np.asarray(f, np.float64) for f in stored["fractions"]]))
+    best = None
+    for start, x in enumerate(inits, start=-1 if stored is not None else 0):
+        e_best = err(x)
+        step = 0.08
+        for _ in range(rounds):
+            improved = True
+            while improved:
+                improved = False
+                for k in range(len(x)):
+                    for sgn in (1.0, -1.0):
+                        x2 = x.copy()
+                        x2[k] += sgn * step
+                        e = err(x2)
+                        if e < e_best:
+                            x, e_best, improved = x2, e, True
+            step /= 2
+        log(f"  stages={','.join(map(str, layout))} start {'stored' if start < 0 else start}: {e_best:.3e}")
+        if best is None or e_best < best[0]:
+            best = (e_best, x)
+    e_best, x = best
+    if not math.isfinite(e_best):
+        raise ValueError(f"no descent of stages {layout} ended finite: try other stages or more --tune-starts")
+    s, fr = unpack(x)
+    ts = _guarded_grid(sde, s, rho, gain, t_end)
+    return dict(stages=list(layout), fractions=[list(f) for f in fr], rho=rho,
+                s=[float(v) for v in _s_of_grid(sde, ts, rho, t_end)],
+                max_gain=gain if math.isfinite(gain) else None, tune_error_power_grid=err(x0), tune_error=e_best)
+
+
+def _single_error(sde, runner, u0, ref, s, rho: float, layout, fractions, gain: float, t_end: float) -> float:
+    """Mean L2 error of a single-step configuration run as the plan runs it (its grid guarded by the bound)."""
+    import jax.numpy as jnp
+
+    from diffusion_jax.samplers import exponential
+    ts = _guarded_grid(sde, s, rho, gain, t_end)
+    tab = exponential.single_step_tables(sde, square_root(sde, "R"), tuple(float(t) for t in ts), tuple(layout),
+                                         tuple(tuple(f) for f in fractions))
+    return _error_of(runner(u0, {k: jnp.asarray(tab[k], u0.dtype) for k in exponential.SCAN_KEYS}), ref)
+
+
+def _error_of(x, ref) -> float:
+    err = float(np.mean(np.linalg.norm(np.asarray(x[..., 0], np.float64) - ref, axis=1)))
+    return err if np.isfinite(err) else math.inf
+
+
 def _scan_runner(sde, fn):
     """The jitted multistep scan on the exact eps ``fn`` (tables as arguments: one compile per grid length)."""
     from diffusion_jax.param import Model
@@ -300,21 +385,23 @@ def _run_error(sde, runner, u0, ref, s, rho: float, order: int, corrector: int, 
     ts = _guarded_grid(sde, s, rho, gain, t_end)
     tab = exponential.step_tables(sde, square_root(sde, "R"), tuple(float(t) for t in ts), order, corrector,
                                   max_gain=gain if math.isfinite(gain) else None)
-    x = runner(u0, {k: jnp.asarray(tab[k], u0.dtype) for k in exponential.SCAN_KEYS})
-    err = float(np.mean(np.linalg.norm(np.asarray(x[..., 0], np.float64) - ref, axis=1)))
-    return err if np.isfinite(err) else math.inf
+    return _error_of(runner(u0, {k: jnp.asarray(tab[k], u0.dtype) for k in exponential.SCAN_KEYS}), ref)
 
 
 def _entry_error(sde, runner, u0, ref, e: dict, t_end: float) -> float:
-    """:func:`_run_error` of a stored table entry (its nodes, rho, order, corrector and bound)."""
+    """:func:`_run_error` (:func:`_single_error` for a single-step entry) of a stored table entry."""
     gain = math.inf if e.get("max_gain") is None else float(e["max_gain"])
+    if "stages" in e:
+        return _single_error(sde, runner, u0, ref, e["s"], float(e["rho"]), e["stages"], e["fractions"], gain,
+                             t_end)
     return _run_error(sde, runner, u0, ref, e["s"], float(e["rho"]), int(e["order"]), int(e["corrector"]), gain,
                       t_end)
 
 
 def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samples: int = 128, seed: int = 100,
          t_end: float = 1e-3, rhos=TUNE_RHOS, rounds: int = TUNE_ROUNDS, descent_max_nfe: int = 20,
-         max_gain: float | dict | None = None, validate: int = 0, validate_seed: int = 200, starts: int = 1) -> dict:
+         max_gain: float | dict | None = None, validate: int = 0, validate_seed: int = 200, starts: int = 1,
+         stages: tuple[int, ...] | None = None) -> dict:
     """Measure and store the gddim defaults (see :mod:`diffusion_jax.samplers.defaults`).
 
     For each family and NFE: every order q = 1..3 with corrector none / q / q + 1 on power grids with
@@ -337,6 +424,10 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
     noisy and a retune on its own is as likely to lose as to win; the held-out comparison makes retunes
     monotone. Each entry records ``n_samples``, ``seed`` and (when validated) ``validation``; the table's
     ``commands`` lists every tuning command that wrote it, in order (replaying them reproduces it).
+
+    ``stages`` (one count in 1..3 per step): tune a single-step entry with that layout instead
+    (:func:`_tune_layout`: grid nodes and stage fractions together, ``starts`` descents, ``rounds`` halvings of
+    the step) for NFE = sum(stages), on the exponent of ``rhos`` best at the uniform start; validation as above.
     """
     from diffusion_jax.samplers import defaults
 
@@ -356,16 +447,22 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
         raise ValueError(f"rhos (power-grid exponents) must be finite and > 0, got {rhos}")
     if rounds < 0 or starts < 1:
         raise ValueError(f"rounds must be >= 0 and starts >= 1, got rounds={rounds}, starts={starts}")
+    if stages is not None:
+        stages = tuple(int(x) for x in stages)
+        if not stages or not all(1 <= x <= 3 for x in stages) or tuple(nfes) != (sum(stages),):
+            raise ValueError(f"stages must be counts in 1..3, one per step, with nfes = (their sum,): got "
+                             f"stages={stages}, nfes={tuple(nfes)}")
     if validate < 0 or (validate and validate_seed in (seed, 0)):
         raise ValueError(f"validate must be >= 0 and validate_seed ({validate_seed}) distinct from the tuning seed "
                          f"({seed}) and the benchmark's (0)")
     command = (f"python -m diffusion_jax bench-solvers --tune --max-gain {arg}"
                + (f" --families {','.join(families)}" if tuple(families) != TUNE_FAMILIES else "")
-               + (f" --nfe {','.join(str(n) for n in nfes)}" if tuple(nfes) != TUNE_NFES else "")
+               + (f" --nfe {','.join(str(n) for n in nfes)}" if tuple(nfes) != TUNE_NFES and stages is None else "")
                + (f" --tune-samples {n_samples}" if n_samples != 128 else "")
                + (f" --tune-starts {starts}" if starts != 1 else "")
                + (f" --tune-rhos {','.join(f'{r:g}' for r in rhos)}" if tuple(rhos) != TUNE_RHOS else "")
                + (f" --tune-rounds {rounds}" if rounds != TUNE_ROUNDS else "")
+               + (f" --tune-stages {','.join(map(str, stages))}" if stages is not None else "")
                + (f" --validate {validate}" if validate else ""))
     table = dict(commands=[command],
                  setup=dict(data="ring_of_gaussians(8, 1.0, 0.01)", n_samples=n_samples, seed=seed, t_end=t_end,
@@ -395,8 +492,20 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
         print(f"[tune {fam}]", flush=True)
         from diffusion_jax.samplers.defaults import family_key
         entry = table["entries"].setdefault(family_key(sde), {})
-        new = _tune_family(sde, runner, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end,
-                           lambda m: print(m, flush=True), spec, starts)
+        log = lambda m: print(m, flush=True)
+        if stages is None:
+            new = _tune_family(sde, runner, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, log, spec, starts)
+        else:
+            nfe = sum(stages)
+            gain = gain_at(spec, nfe)
+            start = [np.linspace(1.0, 0.0, len(stages) + 1), [exponential_fractions(x) for x in stages]]
+            rho = min(rhos, key=lambda r: _single_error(sde, runner, u0, ref, start[0], r, stages, start[1], gain,
+                                                         t_end))
+            old_e = entry.get(str(nfe))
+            same = old_e is not None and old_e.get("stages") == list(stages) and old_e["rho"] == rho and (
+                old_e.get("max_gain") == (gain if math.isfinite(gain) else None))
+            new = {str(nfe): _tune_layout(sde, runner, u0, ref, stages, rho, gain, t_end, starts, rounds, log,
+                                          old_e if same else None)}
         for e in new.values():
             e.update(n_samples=n_samples, seed=seed)
         if validate:
@@ -460,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-rhos", default=None,
                    help="--tune: comma list of power-grid exponents p searched (default "
                         + ",".join(f"{r:g}" for r in TUNE_RHOS) + ")")
+    p.add_argument("--tune-stages", default=None,
+                   help="--tune: a single-step entry with these stages per step (comma list of 1..3, e.g. 2,3,3,2; "
+                        "its NFE is their sum) instead of the multistep search")
     p.add_argument("--validate", type=int, default=0,
                    help="--tune: replace a stored entry only if the new one is better on this many held-out draws "
                         "(seed 200); 0: always replace")
@@ -471,14 +583,20 @@ def main(argv: list[str] | None = None) -> int:
         nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else peers.PEER_NFES
         peers.run(a.out, nfes, a.n_samples)
     elif a.tune:
-        nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else TUNE_NFES
+        try:
+            stages = tuple(int(x) for x in a.tune_stages.split(",")) if a.tune_stages else None
+        except ValueError as e:
+            raise ValueError(f"--tune-stages takes a comma list of stage counts, e.g. 2,3,3,2; got "
+                             f"{a.tune_stages!r}") from e
+        nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else (
+            (sum(stages),) if stages else TUNE_NFES)
         try:
             rhos = tuple(float(r) for r in a.tune_rhos.split(",")) if a.tune_rhos else TUNE_RHOS
         except ValueError as e:
             raise ValueError(f"--tune-rhos takes a comma list of numbers, e.g. 1,1.5,2,3; got {a.tune_rhos!r}") from e
         tune(a.tune_out, tuple(split(a.families) or TUNE_FAMILIES), nfes, n_samples=a.tune_samples,
              max_gain=parse_gain(a.max_gain), validate=a.validate, starts=a.tune_starts, rhos=rhos,
-             rounds=a.tune_rounds)
+             rounds=a.tune_rounds, stages=stages)
     else:
         nfes = tuple(int(n) for n in a.nfe.split(",")) if a.nfe else NFES
         run(a.out, split(a.families), split(a.samplers), nfes, a.n_samples)

@@ -30,7 +30,10 @@ Methods and their options (anything else is an error naming these):
   (:func:`.exponential.guard_grid`) and each step's order lowered (:func:`.exponential.step_tables`) until
   every gain is within it; the tuner measures every candidate that way,
   so the stored grid is the best bounded one (unbounded, the tuned grids diverged with learned networks).
-  ``max_gain=inf`` lifts it. The eps form (``predict="eps"``, :mod:`.gddim`; order 1 on the uniform grid unless
+  ``max_gain=inf`` lifts it. ``stages`` = 2 or 3 (or one count per step) gives the single-step exponential
+  Runge-Kutta method instead (:func:`.exponential.single_step_tables`, stage ``fractions`` in log t), on a
+  power grid with exponent 3 unless ``grid`` is chosen; ``info.config["gains"]`` reports its stage weights' eps-error
+  gains (the bound guards its steps only). The eps form (``predict="eps"``, :mod:`.gddim`; order 1 on the uniform grid unless
   chosen) is the one used with noise (``lam`` > 0);
 * ``sscs``: symmetric splitting, exact linear half-steps around an Euler score step (``lam``, default 1);
 * ``edm_heun``: Karras et al.'s Heun in sigma(t) on the EDM grid (``rho``, ``ode_jump``).

@@ -17,9 +17,14 @@ unbounded tuned grids multiplied by up to ~180 in their first step). A stored gr
 (that of the guarded grid), so it maps onto any [t_end, t_start]; the plan guards it again (a no-op on the
 tuned interval).
 
+An entry can instead be single-step (``stages`` per step, their stage ``fractions``, the grid's s and rho:
+:func:`.exponential.single_step_tables`), written by ``bench-solvers --tune --tune-stages ...``
+(:func:`diffusion_jax.apps.bench_solvers._tune_layout`: nodes and fractions descended together, the grid guarded
+by the bound like every candidate); it applies to its own NFE only.
+
 Resolution for a family and N:
 * the stored entry for (family, N) when there is one;
-* for another N of a stored family: its nearest stored NFE's configuration, the node profile s(i / N)
+* for another N of a stored family: its nearest stored multistep NFE's configuration, the node profile s(i / N)
   interpolated (monotone, piecewise linear in i / N);
 * otherwise the generic rule :data:`GENERIC` (a power grid, order 3 with corrector), with no gain bound.
 """
@@ -83,19 +88,25 @@ def gddim_defaults(sde: Any, nfe: int, t_start: float, t_end: float, table: dict
     data, e.g. the force-field families, 1/|w_T| is so large that guarding would pile the grid up at T)."""
     table = load_table() if table is None else table
     entries = table.get("entries", {}).get(family_key(sde), {})
+    multistep = {k: v for k, v in entries.items() if "stages" not in v}
     if str(nfe) in entries:
         e = entries[str(nfe)]
         s, source = np.asarray(e["s"], np.float64), f"tuned {family_key(sde)} nfe={nfe}"
-    elif entries:
+    elif multistep:
+        # a single-step entry's layout belongs to its NFE: other NFEs resample the nearest multistep entry
+        entries = multistep
         near = min(entries, key=lambda k: (abs(np.log(int(k) / nfe)), int(k)))
         e = entries[near]
         s, source = _resample(e["s"], nfe), f"tuned {family_key(sde)} nfe={near}, resampled to {nfe}"
     else:
         e, s, source = GENERIC, np.linspace(1.0, 0.0, nfe + 1), "generic"
+    ts = power_grid(s, float(e["rho"]), t_start, t_end)
+    if "stages" in e:                                # single-step: its layout and stage fractions, no order
+        return dict(stages=tuple(int(x) for x in e["stages"]), fractions=tuple(tuple(f) for f in e["fractions"]),
+                    ts=ts, source=source, max_gain=gain_at(e.get("max_gain"), nfe))
     order = int(min(e["order"], nfe - 1))
     corrector = int(min(e["corrector"], nfe - 1)) if e["corrector"] >= 0 else -1
-    return dict(order=order, corrector=corrector, ts=power_grid(s, float(e["rho"]), t_start, t_end),
-                source=source, max_gain=gain_at(e.get("max_gain"), nfe))
+    return dict(order=order, corrector=corrector, ts=ts, source=source, max_gain=gain_at(e.get("max_gain"), nfe))
 
 
 def gain_at(spec: Any, nfe: int) -> float:

@@ -1,5 +1,8 @@
 r"""Exponential integrators in the denoiser (data prediction) for any linear family: multistep with an
-optional predictor-corrector (``gddim`` with ``predict="denoiser"``).
+optional predictor-corrector (``gddim`` with ``predict="denoiser"``), and single-step exponential Runge-Kutta
+(``gddim`` with ``stages`` = 2 or 3, :func:`single_step_tables`). Both run in one compiled loop
+(:func:`multistep_scan`): a row's update starts from a base evaluation, the current one (multistep) or the first
+stage of the step (single-step).
 
 Write the probability-flow ODE with the denoiser D = E[x_0 | u] (per data dimension, u = m_t D + R_t eps):
 
@@ -49,7 +52,8 @@ MAX_WEIGHT = 1e3
 # (the gain bound of the defaults is stored with the tuned table: samplers/tuned_grids.json, setup.max_gain)
 INTERP_VARIABLES = ("t", "logt", "lambda")
 # the float arrays of :func:`step_tables` that the compiled loop reads, one row per step
-SCAN_KEYS = ("t", "m_next", "b", "v", "g", "zv", "w", "w_hat", "kz", "kt", "s_inv")
+SCAN_KEYS = ("t", "new", "m_next", "b", "v", "g", "zv", "w", "w_hat", "kz", "kt", "s_inv")
+MAX_STAGES = 3
 
 
 
@@ -79,25 +83,39 @@ def _solve_vec(r: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.linalg.solve(r, v[..., None])[..., 0]
 
 
-@functools.lru_cache(maxsize=64)
-def _p_table(sde, sqrt: SquareRoot, grid: tuple[float, ...]) -> dict:
-    """Per step: A = R_{t'} R_t^{-1}, P(t) and P at the Gauss-Legendre nodes (in log tau) with their weights."""
-    ts = np.asarray(grid, np.float64)
-    n = len(ts) - 1
-    rs = [sqrt.np(t) for t in ts]
-    ms = [sde.transition_np(t=t, s=0.0)[..., :, 0] for t in ts]
+@functools.lru_cache(maxsize=4096)
+def _p_step(sde, sqrt: SquareRoot, t: float, t_next: float) -> dict:
+    """One step t -> t': A = R_{t'} R_t^{-1}, P(t), P at the Gauss-Legendre nodes (in log tau) and their weights,
+    m_{t'}."""
     gl_x, gl_w = np.polynomial.legendre.leggauss(_GL_NODES)
-    out = dict(m=ms, a=[], p_t=[], taus=[], wts=[], p_vals=[])
-    for i in range(n):
-        lo, hi = np.log(ts[i + 1]), np.log(ts[i])
-        taus = np.exp(0.5 * (hi - lo) * gl_x + 0.5 * (hi + lo))
-        out["a"].append(np.linalg.solve(np.swapaxes(rs[i], -1, -2), np.swapaxes(rs[i + 1], -1, -2)).swapaxes(-1, -2))
-        out["p_t"].append((rs[i + 1] @ _solve_vec(rs[i], ms[i])[..., None])[..., 0])
-        out["taus"].append(taus)
-        out["wts"].append(0.5 * (hi - lo) * gl_w * taus)
-        out["p_vals"].append(np.stack([(rs[i + 1] @ _solve_vec(sqrt.np(tau), sde.transition_np(t=tau, s=0.0)[..., :, 0])
-                                        [..., None])[..., 0] for tau in taus]))
-    out["a"] = np.stack(out["a"])
+    r_t, r_n = sqrt.np(t), sqrt.np(t_next)
+    m_of = lambda x: sde.transition_np(t=x, s=0.0)[..., :, 0]
+    lo, hi = np.log(t_next), np.log(t)
+    taus = np.exp(0.5 * (hi - lo) * gl_x + 0.5 * (hi + lo))
+    return dict(a=np.linalg.solve(np.swapaxes(r_t, -1, -2), np.swapaxes(r_n, -1, -2)).swapaxes(-1, -2),
+                p_t=(r_n @ _solve_vec(r_t, m_of(t))[..., None])[..., 0], taus=taus,
+                wts=0.5 * (hi - lo) * gl_w * taus, m_next=m_of(t_next),
+                p_vals=np.stack([(r_n @ _solve_vec(sqrt.np(tau), m_of(tau))[..., None])[..., 0] for tau in taus]))
+
+
+def _weights(sde, sqrt: SquareRoot, t: float, t_next: float, nodes: np.ndarray, variable) -> np.ndarray:
+    r"""E_j (J, k) of the step t -> t' with D replaced by its Lagrange interpolant through the node times
+    (in the variable v): E_j = l_j(t') m_{t'} - l_j(t) P(t) - int_t^{t'} P(tau) l_j'(tau) dtau."""
+    ps = _p_step(sde, sqrt, float(t), float(t_next))
+    v_of, dv_of = _variable(sde, variable)
+    vn = v_of(np.asarray(nodes, np.float64))
+    out = np.zeros((len(vn),) + ps["m_next"].shape)
+    if len(vn) > 1:
+        taus = ps["taus"]
+        dv, v_taus = dv_of(taus), v_of(taus)
+    for j in range(len(vn)):
+        lj_next = _lagrange(vn, j, v_of(np.array([t_next])))[0]
+        lj_t = _lagrange(vn, j, v_of(np.array([t])))[0]
+        integral = 0.0
+        if len(vn) > 1:
+            # int_t^{t'} P l_j' dtau = -int_{t'}^{t} P (dl_j/dv)(dv/dtau) dtau
+            integral = -np.tensordot(ps["wts"] * dv * _lagrange_deriv(vn, j, v_taus), ps["p_vals"], axes=1)
+        out[j] = lj_next * ps["m_next"] - lj_t * ps["p_t"] - integral
     return out
 
 
@@ -116,28 +134,13 @@ def denoiser_coefficients(sde, sqrt: SquareRoot, grid: tuple[float, ...], order:
         raise ValueError(f"unknown interpolation variable {variable!r}; choose one of {INTERP_VARIABLES}")
     ts = np.asarray(grid, np.float64)
     n = len(ts) - 1
-    v_of, dv_of = _variable(sde, variable)
-    vs = v_of(ts)
-    pt = _p_table(sde, sqrt, grid)
-    ms, a = pt["m"], pt["a"]
-    e = np.zeros((n, order + 1) + ms[0].shape)
-    ec = np.zeros((n, max(corrector, 0) + 1) + ms[0].shape)
+    kshape = sde.transition_np(t=ts[0], s=0.0)[..., :, 0].shape
+    a = np.stack([_p_step(sde, sqrt, float(ts[i]), float(ts[i + 1]))["a"] for i in range(n)])
+    e = np.zeros((n, order + 1) + kshape)
+    ec = np.zeros((n, max(corrector, 0) + 1) + kshape)
 
     def coeffs(i: int, nodes_idx: list[int]) -> np.ndarray:
-        nodes = vs[nodes_idx]
-        out = np.zeros((len(nodes_idx),) + ms[0].shape)
-        taus, wts, p_vals = pt["taus"][i], pt["wts"][i], pt["p_vals"][i]
-        if len(nodes_idx) > 1:
-            dv, v_taus = dv_of(taus), v_of(taus)
-        for j in range(len(nodes_idx)):
-            lj_next = _lagrange(nodes, j, np.array([vs[i + 1]]))[0]
-            lj_t = _lagrange(nodes, j, np.array([vs[i]]))[0]
-            integral = 0.0
-            if len(nodes_idx) > 1:
-                # int_t^{t'} P l_j' dtau = -int_{t'}^{t} P (dl_j/dv)(dv/dtau) dtau
-                integral = -np.tensordot(wts * dv * _lagrange_deriv(nodes, j, v_taus), p_vals, axes=1)
-            out[j] = lj_next * ms[i + 1] - lj_t * pt["p_t"][i] - integral
-        return out
+        return _weights(sde, sqrt, ts[i], ts[i + 1], ts[nodes_idx], variable)
 
     for i in range(n):
         q = min(order, i)
@@ -260,9 +263,7 @@ def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corr
             ok = np.abs(vi).max() <= max_weight
             if ok and max_gain is not None:
                 # eps-error gain of the history terms against the order-0 step's own, per mode
-                hist_t = [max(i - j, 0) for j in range(n_hist)]
-                g_hist = sum(np.linalg.norm(vi[j], axis=-1) * gains[hist_t[j]] for j in range(1, n_hist))
-                ok = bool(np.all(g_hist <= max_gain))
+                ok = bool(np.all(_history_gain(vi, gains[[max(i - j, 0) for j in range(n_hist)]]) <= max_gain))
             if ok or (q == 0 and c < 0):
                 break
             if c >= 0:
@@ -271,27 +272,113 @@ def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corr
                 q -= 1
         v[i], g[i], orders[i], correctors[i] = vi, gi, q, c
     zv = np.stack([np.linalg.solve(rs[i + 1], v[i][..., None])[..., 0] for i in range(n)])
-    return dict(t=ts[:n], m_next=np.stack(ms[1:]), b=b, v=v, zv=zv, g=g, orders=orders, correctors=correctors,
-                **carried_tables(sde, sqrt, K, ts[:n]))
+    return dict(t=ts[:n], new=np.ones(n), m_next=np.stack(ms[1:]), b=b, v=v, zv=zv, g=g, orders=orders,
+                correctors=correctors, **carried_tables(sde, sqrt, K, ts[:n]))
 
 
-def multistep_step(sde, tab: dict, u: Array, c: Array, z: Array, eps: Array, d: Array,
-                   hist: Array) -> tuple[Array, Array, Array, Array, Array]:
-    r"""One step from grid[i]: ``tab`` is row i of :func:`step_tables`, u = m_i c + R_i z the state (with its
-    carried representation), (``eps``, ``d``) the model there (eps w.r.t. R, from
-    :meth:`~diffusion_jax.param.Model.carried`), ``hist`` the earlier D values (newest first). Returns (the
-    corrected state at grid[i] (u itself without corrector), u_{i+1}, c_{i+1}, z_{i+1}, new history)."""
+def _history_gain(v: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """sum_j |V_j| / |w_j| per mode: how far the D-difference terms of one row move u per unit eps error
+    (``gains``: :func:`eps_gain` at the time of each history slot)."""
+    return sum(np.linalg.norm(v[j], axis=-1) * gains[j] for j in range(v.shape[0]))
+
+
+def stage_times(t: float, t_next: float, fractions) -> list[float]:
+    """The evaluation times of one single-step step t -> t': t and t (t'/t)^r for each stage fraction r
+    (geometric in t: a fraction r of the step in log t)."""
+    return [float(t)] + [float(np.exp(np.log(t) + r * (np.log(t_next) - np.log(t)))) for r in fractions]
+
+
+def default_fractions(stages: int) -> tuple[float, ...]:
+    """Stage fractions (in log t) of an untuned ``stages``-stage step: 1/2 for 2 stages, 1/3 and 2/3 for 3 (the
+    DPM-Solver-2 / -3 placements, here in log t)."""
+    return tuple(k / stages for k in range(1, stages))
+
+
+@functools.lru_cache(maxsize=64)
+def single_step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], stages: tuple[int, ...],
+                       fractions: tuple[tuple[float, ...], ...], variable: str = "logt",
+                       K: SquareRoot | None = None) -> dict[str, np.ndarray]:
+    r"""Tables of a single-step exponential Runge-Kutta method in the denoiser, one row per evaluation.
+
+    Step i (grid[i] = t -> grid[i+1] = t') spends ``stages[i]`` = S evaluations at the times s_0 = t and
+    s_k = t (t'/t)^{r_k} (``fractions[i]`` = (r_1, ..., r_{S-1}), increasing in (0, 1)). Stage k + 1 (or t' after
+    the last) is reached from u(t) by the exact variation-of-constants step with D replaced by its Lagrange
+    interpolant (in ``variable``) through the k + 1 values D(s_0), ..., D(s_k) known so far
+    (:func:`_weights`); with the carried form of :func:`step_tables` every one is
+
+        u(s_{k+1}) = m_{s_{k+1}} D_0 + R_{s_{k+1}} eps_0 + sum_{j=1}^{k} E_j (D_j - D_0),
+
+    from the step's first evaluation (D_0, eps_0) (row key ``new`` = 1 there, 0 on the later stages). S = 2 with
+    r = 1/2 is the matrix analogue of DPM-Solver++(2S), S = 3 the third-order scheme with its stages on an
+    interpolant of rising degree. A constant D (single data point) is exact at every stage. No step reuses an
+    evaluation of an earlier one, so a learned network's error at t ~ T reaches later steps only through the state.
+
+    Rows (the keys of :data:`SCAN_KEYS`, as in :func:`step_tables`, history slot j = the evaluation j rows back)
+    plus ``evals`` (nfe,) the evaluation times, ``stages`` (nfe,) the stage index of each row and ``gain`` (nfe,)
+    the eps-error gain of each row's D-difference terms (:func:`_history_gain`; largest over modes).
+    """
+    if len(stages) != len(grid) - 1 or len(fractions) != len(stages):
+        raise ValueError(f"need one stage count and one fraction tuple per step: {len(grid) - 1} steps, "
+                         f"{len(stages)} stage counts, {len(fractions)} fraction tuples")
+    for st, fr in zip(stages, fractions):
+        bounds = (0.0,) + tuple(fr) + (1.0,)
+        if not (1 <= st <= MAX_STAGES and len(fr) == st - 1 and all(a < b for a, b in zip(bounds, bounds[1:]))):
+            raise ValueError(f"each step needs 1..{MAX_STAGES} stages and stages - 1 increasing fractions in (0, 1), "
+                             f"got stages={st}, fractions={fr}")
+    K = sqrt if K is None else K
+    ts = np.asarray(grid, np.float64)
+    n_hist = max(stages)
+    rows: dict[str, list] = dict(t=[], new=[], m_next=[], b=[], v=[], zv=[], stages=[], gain=[])
+    for i, st in enumerate(stages):
+        times = stage_times(ts[i], ts[i + 1], fractions[i])
+        for k in range(st):
+            target = times[k + 1] if k + 1 < st else ts[i + 1]
+            e = _weights(sde, sqrt, times[0], target, np.asarray(times[:k + 1]), variable)
+            v = np.zeros((n_hist,) + e.shape[1:])
+            for j in range(1, k + 1):               # stage j's D sits k - j rows back; the base (stage 0) k rows
+                v[k - j] = e[j]
+            r_next = sqrt.np(target)
+            rows["t"].append(times[k])
+            rows["new"].append(float(k == 0))
+            rows["m_next"].append(sde.transition_np(t=target, s=0.0)[..., :, 0])
+            rows["b"].append(r_next)
+            rows["v"].append(v)
+            rows["zv"].append(np.stack([_solve_vec(r_next, x) for x in v]))
+            rows["stages"].append(k)
+            gains = np.stack([eps_gain(sde, sqrt, times[k - j]) if j <= k else eps_gain(sde, sqrt, times[0])
+                              for j in range(n_hist)])
+            rows["gain"].append(float(np.max(_history_gain(v, gains))))
+    out = {k: np.asarray(x) for k, x in rows.items()}
+    out["g"] = np.zeros_like(out["v"])              # no corrector: the state at each row is the one evaluated
+    out["evals"] = out["t"]
+    return dict(out, **carried_tables(sde, sqrt, K, out["t"]))
+
+
+def multistep_step(sde, tab: dict, u: Array, c: Array, z: Array, eps: Array, d: Array, hist: Array,
+                   base: tuple[Array, Array]) -> tuple[Array, Array, Array, Array, Array, tuple[Array, Array]]:
+    r"""One row of :func:`step_tables` or :func:`single_step_tables`: u = m c + R z the state at ``tab["t"]``
+    (with its carried representation), (``eps``, ``d``) the model there (eps w.r.t. R, from
+    :meth:`~diffusion_jax.param.Model.carried`), ``hist`` the earlier D values (newest first), ``base`` the
+    (eps, D) the step starts from: replaced by (eps, d) on a row with ``new`` = 1 (every multistep row, the first
+    stage of a single-step one). Computes
+
+        u_next = m_next D_b + R_next eps_b + sum_j V_j (hist_j - D_b)      (hist_0 = d),
+
+    and returns (the corrected state at this row (u itself without corrector), u_next, c_next = D_b,
+    z_next = eps_b + sum_j ZV_j (hist_j - D_b), new history, new base)."""
     import jax.numpy as jnp
-    hist = jnp.concatenate([d[None], hist[:-1]], axis=0)              # hist[j] = D at grid[i - j]
-    u_next = sde.lift(tab["m_next"], d) + sde.apply(tab["b"], eps)
-    z_next = eps
+    hist = jnp.concatenate([d[None], hist[:-1]], axis=0)              # hist[j] = D j rows back
+    new = tab["new"] > 0
+    eps_b, d_b = jnp.where(new, eps, base[0]), jnp.where(new, d, base[1])
+    u_next = sde.lift(tab["m_next"], d_b) + sde.apply(tab["b"], eps_b)
+    z_next = eps_b
     u_corr = u
-    for j in range(1, hist.shape[0]):
-        diff = hist[j] - d
+    for j in range(hist.shape[0]):
+        diff = hist[j] - d_b
         u_next = u_next + sde.lift(tab["v"][j], diff)
         z_next = z_next + sde.lift(tab["zv"][j], diff)
         u_corr = u_corr + sde.lift(tab["g"][j], diff)
-    return u_corr, u_next, d, z_next, hist
+    return u_corr, u_next, d_b, z_next, hist, (eps_b, d_b)
 
 
 def carried_start(sde, u0: Array, s_inv0: Array) -> tuple[Array, Array]:
@@ -301,21 +388,22 @@ def carried_start(sde, u0: Array, s_inv0: Array) -> tuple[Array, Array]:
 
 
 def multistep_scan(sde, model, u0: Array, tab: dict):
-    """The jittable loop over :func:`multistep_step` (``tab``: :func:`step_tables`' arrays named in
-    :data:`SCAN_KEYS`, in u0's dtype). ``model.carried`` gives (eps, D) relative to the carried representation.
-    Returns (u_N, states at grid[:N] (N, ...), D there (N, ...)).
+    """The jittable loop over :func:`multistep_step` (``tab``: the arrays of :func:`step_tables` or
+    :func:`single_step_tables` named in :data:`SCAN_KEYS`, in u0's dtype). ``model.carried`` gives (eps, D)
+    relative to the carried representation. Returns (u_N, states at the evaluation rows (N, ...), D there (N, ...)).
     """
     import jax
     import jax.numpy as jnp
 
     def step(carry, row):
-        u, c, z, hist = carry
+        u, c, z, hist, base = carry
         eps, d = model.carried(u, row["t"], c, z, row)
-        u_corr, u_next, c, z, hist = multistep_step(sde, row, u, c, z, eps, d, hist)
-        return (u_next, c, z, hist), (u_corr, d)
+        u_corr, u_next, c, z, hist, base = multistep_step(sde, row, u, c, z, eps, d, hist, base)
+        return (u_next, c, z, hist, base), (u_corr, d)
 
     hist0 = jnp.zeros((tab["v"].shape[1],) + u0.shape[:-1], u0.dtype)
     rows = {k: tab[k] for k in SCAN_KEYS}
     c0, z0 = carried_start(sde, u0, tab["s_inv"][0])
-    (u_fin, *_), (traj, den) = jax.lax.scan(step, (u0, c0, z0, hist0), rows)
+    base0 = (jnp.zeros_like(u0), jnp.zeros(u0.shape[:-1], u0.dtype))
+    (u_fin, *_), (traj, den) = jax.lax.scan(step, (u0, c0, z0, hist0, base0), rows)
     return u_fin, traj, den

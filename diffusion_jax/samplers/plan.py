@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from diffusion_jax.param.roots import SQUARE_ROOTS, OUTPUTS, SquareRoot, square_root
-from diffusion_jax.samplers.exponential import guard_grid, step_tables
+from diffusion_jax.samplers.exponential import (MAX_STAGES, default_fractions, guard_grid, single_step_tables,
+                                                step_tables)
 from diffusion_jax.samplers.gddim import _psd_sqrt, gddim_coefficients
 from diffusion_jax.samplers.grids import GRIDS, noise_level, time_grid
 from diffusion_jax.sdes.base import Family
@@ -33,14 +34,14 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     **{m: ("grid", "rho") for m in DIFFRAX_FIXED},
     **{m: ("rtol", "atol", "max_steps") for m in DIFFRAX_ADAPTIVE},
     "euler_maruyama": ("grid", "rho"),
-    "gddim": ("grid", "rho", "order", "lam", "predict", "corrector", "max_gain"),
+    "gddim": ("grid", "rho", "order", "lam", "predict", "corrector", "max_gain", "stages", "fractions"),
     "sscs": ("grid", "rho", "lam"),
     "edm_heun": ("rho", "ode_jump"),
 }
 METHODS = tuple(METHOD_OPTIONS)
 COMMON_OPTIONS = ("output", "K", "t_start", "t_end", "denoise_final", "return_trajectory")
 DEFAULTS: dict[str, Any] = dict(grid="uniform", rho=7.0, order=1, lam=0.0, rtol=1e-5, atol=1e-5, max_steps=16384,
-                                ode_jump=False, corrector=-1, max_gain=math.inf)
+                                ode_jump=False, corrector=-1, max_gain=math.inf, stages=1)
 PREDICTS = ("denoiser", "eps")
 MAX_CORRECTOR = 4
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"sscs": dict(lam=1.0), "edm_heun": dict(grid="edm")}
@@ -99,6 +100,17 @@ def check_options(method: str, nfe: int | None, options: dict[str, Any]) -> dict
             raise ValueError("gddim max_gain bounds the denoiser form's history weights: it needs predict='denoiser'")
         if c >= 0 and opts["predict"] != "denoiser":
             raise ValueError("the gddim corrector needs predict='denoiser' (pass corrector=-1 for predict='eps')")
+        if "fractions" in options and isinstance(opts["stages"], (int, np.integer)) and opts["stages"] == 1:
+            raise ValueError("fractions place the stages of a single-step gddim: pass stages > 1 with them")
+        layout, fractions = _layout(nfe, opts["stages"], opts.get("fractions"))
+        # multistep keeps the plain option (its static options do not depend on nfe)
+        opts["stages"], opts["fractions"] = (layout, fractions) if len(layout) < nfe else (1, None)
+        if len(layout) < nfe:
+            if opts["predict"] != "denoiser":
+                raise ValueError("single-step gddim (stages > 1) is the denoiser form: drop predict='eps' and lam")
+            if "order" in options or c >= 0:
+                raise ValueError("order and corrector are the multistep options: a single-step gddim (stages > 1) "
+                             "takes stages (and fractions) instead")
         q = opts["order"]
         if not (isinstance(q, (int, np.integer)) and 0 <= q <= MAX_GDDIM_ORDER):
             raise ValueError(f"gddim order must be an integer in 0..{MAX_GDDIM_ORDER}, got {q!r}")
@@ -110,6 +122,34 @@ def check_options(method: str, nfe: int | None, options: dict[str, Any]) -> dict
         if (nfe - extra) // per_step < 1:
             raise ValueError(f"{method} needs nfe >= {per_step + extra} (one step), got nfe={nfe}")
     return opts
+
+
+def _layout(nfe: int, stages: Any, fractions: Any) -> tuple[tuple[int, ...], tuple[tuple[float, ...], ...]]:
+    """(stages per step, stage fractions per step) of a gddim run of ``nfe`` evaluations: ``stages`` an integer S
+    (steps of S evaluations, a last step of the remainder; 1 = multistep) or one count per step summing to nfe;
+    ``fractions`` None (:func:`.exponential.default_fractions`) or one increasing tuple in (0, 1) per step."""
+    if isinstance(stages, (int, np.integer)) and not isinstance(stages, bool):
+        if not 1 <= stages <= MAX_STAGES:
+            raise ValueError(f"gddim stages must be in 1..{MAX_STAGES} (1: multistep), got {stages}")
+        layout = (int(stages),) * (nfe // stages) + ((nfe % stages,) if nfe % stages else ())
+    else:
+        try:
+            layout = tuple(int(x) for x in stages)
+        except TypeError as e:
+            raise ValueError(f"gddim stages must be an integer or one integer per step, got {stages!r}") from e
+        if sum(layout) != nfe or not all(1 <= x <= MAX_STAGES for x in layout):
+            raise ValueError(f"gddim stages per step must be in 1..{MAX_STAGES} and sum to nfe={nfe}, got {layout}")
+    if fractions is None:
+        return layout, tuple(default_fractions(x) for x in layout)
+    try:
+        fr = tuple(tuple(float(r) for r in f) for f in fractions)
+    except TypeError as e:
+        raise ValueError(f"gddim fractions must be one tuple of stage fractions per step, got {fractions!r}") from e
+    ok = len(fr) == len(layout) and all(len(f) == x - 1 for f, x in zip(fr, layout))
+    if not ok or not all(a < b for f in fr for a, b in zip((0.0,) + f, f + (1.0,))):
+        raise ValueError(f"gddim fractions need, per step, stages - 1 increasing numbers in (0, 1) (steps {layout}), "
+                         f"got {fractions!r}")
+    return layout, fr
 
 
 def check_model(output: str, K: str | SquareRoot) -> str:
@@ -143,7 +183,9 @@ class Plan:
         return dict(self.options)
 
 
-def _steps_for(method: str, nfe: int) -> int:
+def _steps_for(method: str, nfe: int, opts: dict) -> int:
+    if method == "gddim" and opts.get("stages", 1) != 1:
+        return len(opts["stages"])                 # single-step: one step per stage group
     if method in DIFFRAX_FIXED:
         per_step, extra = DIFFRAX_FIXED[method]
         return (nfe - extra) // per_step
@@ -167,11 +209,20 @@ def make_plan(sde: Family, method: str, nfe: int | None = None, K: str = "R", t_
         cfg = gddim_defaults(sde, int(nfe), t_start, t_end)
         options = dict(options)
         options["predict"] = "denoiser"
-        options.setdefault("order", cfg["order"])
-        options.setdefault("corrector", cfg["corrector"])
+        chosen = {"order", "corrector", "stages", "fractions"} & set(options)
+        if cfg.get("stages") is not None and not chosen:          # a tuned single-step entry
+            options.update(stages=cfg["stages"], fractions=cfg["fractions"])
+        elif options.get("stages", 1) == 1 and "fractions" not in options:
+            # (a multistep choice where the table's entry is single-step: the plain multistep defaults)
+            options.setdefault("order", cfg.get("order", DEFAULTS["order"]))
+            options.setdefault("corrector", cfg.get("corrector", DEFAULTS["corrector"]))
         options.setdefault("max_gain", cfg["max_gain"])
         if "grid" not in options and "rho" not in options:
-            options["grid"] = "tuned"
+            if chosen and (cfg.get("stages") is not None or options.get("stages", 1) != 1):
+                # a layout other than the table's: its steps on a power grid (the table's grid has its own length)
+                options.update(grid="power", rho=3.0)
+            else:
+                options["grid"] = "tuned"
     tuned = options.get("grid") == "tuned"
     opts = check_options(method, nfe, {k: v for k, v in options.items() if not (tuned and k == "grid")})
     if tuned:
@@ -186,7 +237,7 @@ def _plan(sde: Family, method: str, nfe: int | None, kind: str, t_start: float, 
     if method in DIFFRAX_ADAPTIVE:
         ts = np.linspace(t_start, t_end, 33)                     # save points of a returned trajectory
         return Plan(method, options, t_start, t_end, ts, None, {"ts": ts}, {})
-    n = _steps_for(method, nfe)
+    n = _steps_for(method, nfe, opts)
     meta: dict[str, Any] = {}
     if opts.get("grid") == "tuned":
         from diffusion_jax.samplers.defaults import gddim_defaults
@@ -204,6 +255,16 @@ def _plan(sde: Family, method: str, nfe: int | None, kind: str, t_start: float, 
         count = per_step * n + extra
     elif method == "euler_maruyama":
         count = n
+    elif method == "gddim" and opts["stages"] != 1:
+        tab = dict(single_step_tables(sde, square_root(sde, "R"), tuple(float(t) for t in ts), opts["stages"],
+                                      opts["fractions"], K=square_root(sde, kind)))
+        meta.update(stages=opts["stages"], fractions=opts["fractions"], predict="denoiser",
+                    max_gain=float(opts["max_gain"]), steps=ts, gains=tab.pop("gain"), stage_index=tab.pop("stages"))
+        meta.setdefault("grid", opts["grid"])
+        # the plan's times are the evaluation times (and t_end): the trajectory holds the state at each of them
+        ts = np.append(tab.pop("evals"), ts[-1])
+        tables.update(tab, ts=ts)
+        count = nfe
     elif method == "gddim" and opts["predict"] == "denoiser":
         gain = float(opts["max_gain"])
         tab = step_tables(sde, square_root(sde, "R"), tuple(float(t) for t in ts), opts["order"], opts["corrector"],
