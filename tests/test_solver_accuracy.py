@@ -102,8 +102,9 @@ def _runners(sde):
                          ids=[f[0] + str(f[1].get("n", "")) for f in SINGLE_POINT_FAMS])
 def test_every_order_is_exact_on_a_single_point_in_float32(name, params):
     """On the exact score of one data point eps is constant along the flow, so every gDDIM order (eps form;
-    denoiser form with and without its corrector) is exact: in float32 each ends within 1e-4 (relative) of
-    a float64 Radau solve of the exact probability-flow ODE, at every NFE 1..20 (power grid, rho = 4)."""
+    denoiser form with and without its corrector; single-step with 2 and 3 stages) is exact: in float32 each
+    ends within 1e-4 (relative) of a float64 Radau solve of the exact probability-flow ODE, at every NFE 1..20
+    (power grid, rho = 4; single-step rho = 3, default and skewed stage fractions)."""
     sde = sdes.make(name, **params)
     fid = name + str(params.get("n", ""))
     with np.load(os.path.join(os.path.dirname(__file__), "fixtures", "single_point_reference.npz")) as f:
@@ -124,7 +125,8 @@ def test_every_order_is_exact_on_a_single_point_in_float32(name, params):
     worst = {}
     for form in ("eps", "denoiser", "single"):
         if form == "single":     # (nfe, stages per step, default (-1) or skewed (0) fractions)
-            cases = [(nfe, st, c) for nfe in (1,) + CORRECTOR_NFES for st in (2, 3) for c in (-1, 0)]
+            cases = [(nfe, st, c) for nfe in range(1, N_MAX + 1) for st in (2, 3)
+                     for c in ((-1, 0) if nfe in CORRECTOR_NFES else (-1,))]
         else:
             cases = [(nfe, q, c) for nfe in range(1, N_MAX + 1) for q in range(min(3, nfe - 1) + 1)
                      for c in ((-1, q + 1) if form == "denoiser" and nfe in CORRECTOR_NFES else (-1,))]
