@@ -71,6 +71,8 @@ SECONDS = {
     "test_notebooks.py::test_notebook_runs_from_notebooks_dir[01_family_zoo]": 9,
     "test_interop.py::test_imported_score_equals_reference_score_function": 8,
     "test_learned_robust.py::test_tuner_measures_candidates_under_the_bound": 8,
+    "test_solver_accuracy.py::test_single_step_convergence_order": 8,
+    "test_learned_robust.py::test_single_step_tuner_stores_what_the_plan_runs": 7,
     "test_likelihood.py::test_hutchinson_mean_matches_exact_trace": 8,
     "test_solver_accuracy.py::test_convergence_order_windows[q3c-1]": 7,
     "test_interop_peers.py::test_output_and_score_parity_with_the_reference[psld]": 7,
