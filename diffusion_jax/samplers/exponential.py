@@ -345,9 +345,8 @@ def single_step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], stages: t
             rows["v"].append(v)
             rows["zv"].append(np.stack([_solve_vec(r_next, x) for x in v]))
             rows["stages"].append(k)
-            gains = np.stack([eps_gain(sde, sqrt, times[k - j]) if j <= k else eps_gain(sde, sqrt, times[0])
-                              for j in range(n_hist)])
-            rows["gain"].append(float(np.max(_history_gain(v, gains))))
+            gains = np.stack([eps_gain(sde, sqrt, times[k - j]) for j in range(k + 1)])    # slots 0..k only
+            rows["gain"].append(float(np.max(_history_gain(v[:k + 1], gains))))
     out = {k: np.asarray(x) for k, x in rows.items()}
     out["g"] = np.zeros_like(out["v"])              # no corrector: the state at each row is the one evaluated
     out["evals"] = out["t"]
