@@ -50,7 +50,7 @@ def _padded_tables(sde, nfe, order, corrector, form):
         tab = exponential.single_step_tables(sde, sqrt, grid, layout, fr)
     else:
         grid = tuple(float(t) for t in time_grid(sde, nfe, "power", t_end=T_END, rho=4.0))
-    if form == "denoiser" or form == "single":
+    if form in ("denoiser", "single"):
         if form == "denoiser":
             tab = exponential.step_tables(sde, sqrt, grid, order, corrector)
         tab = {k: tab[k] for k in exponential.SCAN_KEYS}

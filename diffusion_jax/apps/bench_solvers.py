@@ -35,6 +35,7 @@ from diffusion_jax.evaluation.distances import sliced_wasserstein
 from diffusion_jax.exact import exact_eps_fn
 from diffusion_jax.param import square_root
 from diffusion_jax.samplers import prior_init, sample
+from diffusion_jax.samplers.exponential import MAX_STAGES
 from diffusion_jax.samplers.exponential import default_fractions as exponential_fractions
 
 FAMILIES = {"vp": ("vp", {}), "cld": ("cld", {}), "told": ("told", {}), "cdhold4": ("cdhold", {"n": 4}),
@@ -279,14 +280,15 @@ def _s_of_grid(sde, ts: np.ndarray, rho: float, t_end: float) -> np.ndarray:
     return out
 
 
-def _tune_layout(sde, runner, u0, ref, layout: tuple[int, ...], rho: float, gain: float, t_end: float,
+def _tune_layout(sde, runner, u0, ref, layout: tuple[int, ...], rhos, gain: float, t_end: float,
                  starts: int, rounds: int, log, stored: dict | None = None) -> dict:
     """A single-step entry for ``layout`` (stages per step): coordinate descent over the grid nodes s and every
     step's stage fractions together (step 0.08, halved after each converged sweep, ``rounds`` halvings), from
     the uniform grid with the default fractions and from ``starts`` - 1 perturbations of it (normal, sd 0.05,
     seeds 1, 2, ...): the error surface has many local minima (TOLD NFE 10, stages 1,1,3,3,2, 512 draws: the
-    descended errors of 8 starts spread over 4.1e-2 .. 1.2e-1). ``stored``: an entry of the same layout, rho and
-    bound (a retune), descended from first (on this run's draws). Every candidate runs on its grid guarded by the
+    descended errors of 8 starts spread over 4.1e-2 .. 1.2e-1). The exponent is the one of ``rhos`` best at the
+    uniform start. ``stored``: the table's entry for this NFE; when it has the same layout, exponent and bound (a
+    retune) the descent starts from it first (on this run's draws). Every candidate runs on its grid guarded by the
     gain bound, as the plan runs it; fractions stay in [0.05, 0.95]."""
     n = len(layout)
     x0 = np.concatenate([np.linspace(1.0, 0.0, n + 1)[1:-1]] + [exponential_fractions(st) for st in layout])
@@ -298,18 +300,22 @@ def _tune_layout(sde, runner, u0, ref, layout: tuple[int, ...], rho: float, gain
             k += st - 1
         return np.concatenate([[1.0], x[:n - 1], [0.0]]), tuple(fr)
 
-    def err(x):
+    def err(x, rho):
         s, fr = unpack(x)
         if np.any(np.diff(s) >= 0) or not all(a < b for f in fr for a, b in zip((0.05,) + f, f + (0.95,))):
             return math.inf
         return _single_error(sde, runner, u0, ref, s, rho, layout, fr, gain, t_end)
 
+    rho = min(rhos, key=lambda r: err(x0, r))
+    if stored is not None and not (stored.get("stages") == list(layout) and stored["rho"] == rho
+                                   and stored.get("max_gain") == (gain if math.isfinite(gain) else None)):
+        stored = None
     inits = [x0 + (np.random.default_rng(k).normal(0.0, 0.05, x0.shape) if k else 0.0) for k in range(starts)]
     if stored is not None:
         inits.insert(0, np.concatenate([stored["s"][1:-1]] + [np.asarray(f, np.float64) for f in stored["fractions"]]))
     best = None
     for start, x in enumerate(inits, start=-1 if stored is not None else 0):
-        e_best = err(x)
+        e_best = err(x, rho)
         step = 0.08
         for _ in range(rounds):
             improved = True
@@ -319,7 +325,7 @@ def _tune_layout(sde, runner, u0, ref, layout: tuple[int, ...], rho: float, gain
                     for sgn in (1.0, -1.0):
                         x2 = x.copy()
                         x2[k] += sgn * step
-                        e = err(x2)
+                        e = err(x2, rho)
                         if e < e_best:
                             x, e_best, improved = x2, e, True
             step /= 2
@@ -333,7 +339,7 @@ def _tune_layout(sde, runner, u0, ref, layout: tuple[int, ...], rho: float, gain
     ts = _guarded_grid(sde, s, rho, gain, t_end)
     return dict(stages=list(layout), fractions=[list(f) for f in fr], rho=rho,
                 s=[float(v) for v in _s_of_grid(sde, ts, rho, t_end)],
-                max_gain=gain if math.isfinite(gain) else None, tune_error_power_grid=err(x0), tune_error=e_best)
+                max_gain=gain if math.isfinite(gain) else None, tune_error_power_grid=err(x0, rho), tune_error=e_best)
 
 
 def _single_error(sde, runner, u0, ref, s, rho: float, layout, fractions, gain: float, t_end: float) -> float:
@@ -449,8 +455,8 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
         raise ValueError(f"rounds must be >= 0 and starts >= 1, got rounds={rounds}, starts={starts}")
     if stages is not None:
         stages = tuple(int(x) for x in stages)
-        if not stages or not all(1 <= x <= 3 for x in stages) or tuple(nfes) != (sum(stages),):
-            raise ValueError(f"stages must be counts in 1..3, one per step, with nfes = (their sum,): got "
+        if not stages or not all(1 <= x <= MAX_STAGES for x in stages) or tuple(nfes) != (sum(stages),):
+            raise ValueError(f"stages must be counts in 1..{MAX_STAGES}, one per step, with nfes = (their sum,): got "
                              f"stages={stages}, nfes={tuple(nfes)}")
     if validate < 0 or (validate and validate_seed in (seed, 0)):
         raise ValueError(f"validate must be >= 0 and validate_seed ({validate_seed}) distinct from the tuning seed "
@@ -497,15 +503,8 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
             new = _tune_family(sde, runner, u0, ref, nfes, rhos, rounds, descent_max_nfe, t_end, log, spec, starts)
         else:
             nfe = sum(stages)
-            gain = gain_at(spec, nfe)
-            start = [np.linspace(1.0, 0.0, len(stages) + 1), [exponential_fractions(x) for x in stages]]
-            rho = min(rhos, key=lambda r: _single_error(sde, runner, u0, ref, start[0], r, stages, start[1], gain,
-                                                         t_end))
-            old_e = entry.get(str(nfe))
-            same = old_e is not None and old_e.get("stages") == list(stages) and old_e["rho"] == rho and (
-                old_e.get("max_gain") == (gain if math.isfinite(gain) else None))
-            new = {str(nfe): _tune_layout(sde, runner, u0, ref, stages, rho, gain, t_end, starts, rounds, log,
-                                          old_e if same else None)}
+            new = {str(nfe): _tune_layout(sde, runner, u0, ref, stages, rhos, gain_at(spec, nfe), t_end, starts,
+                                          rounds, log, entry.get(str(nfe)))}
         for e in new.values():
             e.update(n_samples=n_samples, seed=seed)
         if validate:

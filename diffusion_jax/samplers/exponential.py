@@ -294,6 +294,20 @@ def default_fractions(stages: int) -> tuple[float, ...]:
     return tuple(k / stages for k in range(1, stages))
 
 
+def check_layout(stages, fractions) -> None:
+    """A ValueError naming the fix unless every step has 1..MAX_STAGES stages and stages - 1 increasing stage
+    fractions in (0, 1) (one tuple per step)."""
+    if len(fractions) != len(stages):
+        raise ValueError(f"gddim fractions need one tuple per step: {len(stages)} steps, {len(fractions)} tuples")
+    for st, fr in zip(stages, fractions):
+        if not 1 <= st <= MAX_STAGES:
+            raise ValueError(f"gddim stages per step must be in 1..{MAX_STAGES}, got {tuple(stages)}")
+        bounds = (0.0,) + tuple(fr) + (1.0,)
+        if len(fr) != st - 1 or not all(a < b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"gddim fractions need, per step, stages - 1 increasing numbers in (0, 1): a step of "
+                             f"{st} stages got {tuple(fr)}")
+
+
 @functools.lru_cache(maxsize=64)
 def single_step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], stages: tuple[int, ...],
                        fractions: tuple[tuple[float, ...], ...], variable: str = "logt",
@@ -317,14 +331,9 @@ def single_step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], stages: t
     plus ``evals`` (nfe,) the evaluation times, ``stages`` (nfe,) the stage index of each row and ``gain`` (nfe,)
     the eps-error gain of each row's D-difference terms (:func:`_history_gain`; largest over modes).
     """
-    if len(stages) != len(grid) - 1 or len(fractions) != len(stages):
-        raise ValueError(f"need one stage count and one fraction tuple per step: {len(grid) - 1} steps, "
-                         f"{len(stages)} stage counts, {len(fractions)} fraction tuples")
-    for st, fr in zip(stages, fractions):
-        bounds = (0.0,) + tuple(fr) + (1.0,)
-        if not (1 <= st <= MAX_STAGES and len(fr) == st - 1 and all(a < b for a, b in zip(bounds, bounds[1:]))):
-            raise ValueError(f"each step needs 1..{MAX_STAGES} stages and stages - 1 increasing fractions in (0, 1), "
-                             f"got stages={st}, fractions={fr}")
+    if len(stages) != len(grid) - 1:
+        raise ValueError(f"need one stage count per step: {len(grid) - 1} steps, {len(stages)} stage counts")
+    check_layout(stages, fractions)
     K = sqrt if K is None else K
     ts = np.asarray(grid, np.float64)
     n_hist = max(stages)

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from diffusion_jax.param.roots import SQUARE_ROOTS, OUTPUTS, SquareRoot, square_root
-from diffusion_jax.samplers.exponential import (MAX_STAGES, default_fractions, guard_grid, single_step_tables,
-                                                step_tables)
+from diffusion_jax.samplers.exponential import (MAX_STAGES, check_layout, default_fractions, guard_grid,
+                                                single_step_tables, step_tables)
 from diffusion_jax.samplers.gddim import _psd_sqrt, gddim_coefficients
 from diffusion_jax.samplers.grids import GRIDS, noise_level, time_grid
 from diffusion_jax.sdes.base import Family
@@ -137,18 +137,16 @@ def _layout(nfe: int, stages: Any, fractions: Any) -> tuple[tuple[int, ...], tup
             layout = tuple(int(x) for x in stages)
         except TypeError as e:
             raise ValueError(f"gddim stages must be an integer or one integer per step, got {stages!r}") from e
-        if sum(layout) != nfe or not all(1 <= x <= MAX_STAGES for x in layout):
-            raise ValueError(f"gddim stages per step must be in 1..{MAX_STAGES} and sum to nfe={nfe}, got {layout}")
+        if sum(layout) != nfe:
+            raise ValueError(f"gddim stages per step must sum to nfe={nfe}, got {layout}")
     if fractions is None:
-        return layout, tuple(default_fractions(x) for x in layout)
-    try:
-        fr = tuple(tuple(float(r) for r in f) for f in fractions)
-    except TypeError as e:
-        raise ValueError(f"gddim fractions must be one tuple of stage fractions per step, got {fractions!r}") from e
-    ok = len(fr) == len(layout) and all(len(f) == x - 1 for f, x in zip(fr, layout))
-    if not ok or not all(a < b for f in fr for a, b in zip((0.0,) + f, f + (1.0,))):
-        raise ValueError(f"gddim fractions need, per step, stages - 1 increasing numbers in (0, 1) (steps {layout}), "
-                         f"got {fractions!r}")
+        fr = tuple(default_fractions(x) for x in layout)
+    else:
+        try:
+            fr = tuple(tuple(float(r) for r in f) for f in fractions)
+        except TypeError as e:
+            raise ValueError(f"gddim fractions must be one tuple of stage fractions per step, got {fractions!r}") from e
+    check_layout(layout, fr)
     return layout, fr
 
 
