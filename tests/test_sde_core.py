@@ -38,17 +38,26 @@ def test_transition_and_covariance_match_float64_ode(name, params):
         assert np.all(np.abs(phi[i] - phi_ref) <= tol), (t, np.abs(phi[i] - phi_ref) / tol)
 
 
-@pytest.mark.parametrize("name,params", [("cld", {}), ("cdhold", dict(n=5)), ("vp", {})])
-def test_transition_between_times_and_backwards(name, params):
+@pytest.mark.parametrize("name,params", [("cld", {}), ("cdhold", dict(n=5)), ("cdhold", dict(n=8)), ("vp", {})])
+@pytest.mark.parametrize("s,t", [(0.3, 0.7), (0.01, 0.99)])
+def test_transition_between_times_and_backwards(name, params, s, t):
+    """Phi(t, s) and Phi(s, t) against dPhi/dB = +-A Phi integrated in float64, both in float32 and on the host.
+
+    The backward reference is its own ODE solve, not the inverse of the forward one: Phi(t, s) is ill-conditioned
+    for the higher orders (condition ~5e12 for cdhold n = 8 over B = 3.9), so a float64 inverse is itself off
+    by 5e-5, and a float32 one is off by O(1).
+    """
     sde = sdes.make(name, **params)
-    s, t = 0.3, 0.7
     b = float(sde.schedule.integral(t, np) - sde.schedule.integral(s, np))
-    phi_ref, _ = moments_by_ode(sde.A, sde.Q, sde.sigma0, b)
+    zero = np.zeros_like(sde.Q)
+    phi_ref, _ = moments_by_ode(sde.A, zero, zero, b)
+    back_ref, _ = moments_by_ode(-sde.A, zero, zero, b)
     fwd = np.asarray(sde.transition(t=t, s=s), np.float64)
     back = np.asarray(sde.transition(t=s, s=t), np.float64)
     assert np.all(np.abs(fwd - phi_ref) <= _phi_tolerance(sde, phi_ref, b))
-    inv_ref = np.linalg.inv(phi_ref)
-    assert np.allclose(back, inv_ref, rtol=1e-4, atol=1e-5 * np.abs(inv_ref).max())
+    assert np.all(np.abs(back - back_ref) <= _phi_tolerance(sde, back_ref, b)), np.abs(back - back_ref).max()
+    host = sde.transition_np(t=s, s=t)
+    assert np.all(np.abs(host - back_ref) <= 1e-2 * _phi_tolerance(sde, back_ref, b))   # float64: the ODE's own error
 
 
 def test_grad_of_covariance_matches_moment_equation():
