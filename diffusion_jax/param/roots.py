@@ -46,7 +46,7 @@ class SquareRoot:
             self._build_r_table(per_octave)
 
     # -------------------------------------------------------------- R: host float64 solve
-    def _rotation_generator(self, t: float) -> np.ndarray:
+    def _rotation_generator(self, t: np.ndarray) -> np.ndarray:
         """S(t) = W - W^T, W = strictly upper part of L^{-1} M L, M = F + 1/2 G G^T Sigma^{-1}.
 
         Writing R = L U with L the Cholesky factor, R' = M R gives U' = L^{-1}(M L - L') U; since
@@ -55,12 +55,12 @@ class SquareRoot:
         orthogonal, and t S(t) stays bounded as t -> 0, so the ODE in log t is smooth and non-stiff.
         """
         sde = self.sde
-        chol = sde.cholesky_np(t)
+        chol = sde.cholesky_np(t)                                   # (*t, k, k): every time at once
         # L^{-1} M L = L^{-1} F L + 1/2 L^{-1} (G G^T) L^{-T}
         x = np.linalg.solve(chol, sde.drift_matrix_np(t) @ chol)
-        y = np.linalg.solve(chol, np.linalg.solve(chol, sde.noise_matrix_np(t)).T)
+        y = np.linalg.solve(chol, np.swapaxes(np.linalg.solve(chol, sde.noise_matrix_np(t)), -1, -2))
         w = np.triu(x + 0.5 * y, 1)
-        return w - w.T
+        return w - np.swapaxes(w, -1, -2)
 
     def _build_r_table(self, per_octave: int) -> None:
         # Grid uniform in log2 t, aligned to octaves: the run-time lookup splits t = 2^e * mantissa
@@ -86,7 +86,8 @@ class SquareRoot:
 
     def _generator_log(self, tau: np.ndarray) -> np.ndarray:
         """t S(t) at t = e^tau (the generator of U in tau = log t), shape (len(tau), k, k)."""
-        return np.stack([math.exp(x) * self._rotation_generator(math.exp(x)) for x in np.ravel(tau)])
+        t = np.exp(np.ravel(np.asarray(tau, np.float64)))
+        return t[:, None, None] * self._rotation_generator(t)
 
     def _solve_rotation(self, grid: np.ndarray, tau_hi: float) -> tuple[np.ndarray, np.ndarray]:
         r"""U at the grid nodes (and dU/dtau) from U(tau_hi) = I, by the sixth-order Magnus method.
@@ -163,6 +164,7 @@ class SquareRoot:
         s = xp.where(over, 1.0, xp.where(j < 0, 0.0, s))
         j = xp.clip(j, 0, self._n_grid - 2).astype(np.int32)
         u, du = conv(self._u_tab), conv(self._du_tab)
+        s = s[..., None, None]                                      # (*t, 1, 1) against (*t, k, k)
         h00 = (1 + 2 * s) * (1 - s) ** 2
         h10 = s * (1 - s) ** 2
         h01 = s * s * (3 - 2 * s)
@@ -180,11 +182,13 @@ class SquareRoot:
         # U_t is shared by every mode: align it with the (*t, *modes, k, k) factor of a modal family
         return chol @ rot.reshape(t.shape + (1,) * self.sde.mode_ndim + rot.shape[-2:])
 
-    def np(self, t: float) -> np.ndarray:
-        """K_t in float64 on the host."""
+    def np(self, t: float | np.ndarray) -> np.ndarray:
+        """K_t in float64 on the host, for a float or an array of times: shape (*t.shape, [*modes,] k, k)."""
         if self.kind == "L":
             return self.sde.cholesky_np(t)
-        return self.sde.cholesky_np(t) @ self._rotation(np.float64(t), np)
+        t = np.asarray(t, np.float64)
+        rot = self._rotation(t, np)
+        return self.sde.cholesky_np(t) @ rot.reshape(t.shape + (1,) * self.sde.mode_ndim + rot.shape[-2:])
 
 
 @functools.lru_cache(maxsize=32)

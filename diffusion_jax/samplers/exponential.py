@@ -70,7 +70,7 @@ def _variable(sde, kind: str):
     # lambda = log noise level (half the negative log-SNR of the data coordinate)
     def lam(t):
         t = np.atleast_1d(np.asarray(t, np.float64))
-        return np.array([np.log(sde.noise_level_np(float(x))) for x in t])
+        return np.log(sde.noise_level_np(t))
 
     def dlam(t):
         t = np.atleast_1d(np.asarray(t, np.float64))
@@ -95,7 +95,7 @@ def _p_step(sde, sqrt: SquareRoot, t: float, t_next: float) -> dict:
     return dict(a=np.linalg.solve(np.swapaxes(r_t, -1, -2), np.swapaxes(r_n, -1, -2)).swapaxes(-1, -2),
                 p_t=(r_n @ _solve_vec(r_t, m_of(t))[..., None])[..., 0], taus=taus,
                 wts=0.5 * (hi - lo) * gl_w * taus, m_next=m_of(t_next),
-                p_vals=np.stack([(r_n @ _solve_vec(sqrt.np(tau), m_of(tau))[..., None])[..., 0] for tau in taus]))
+                p_vals=(r_n @ _solve_vec(sqrt.np(taus), m_of(taus))[..., None])[..., 0])   # all nodes at once
 
 
 def _weights(sde, sqrt: SquareRoot, t: float, t_next: float, nodes: np.ndarray, variable) -> np.ndarray:
@@ -227,8 +227,8 @@ def step_tables(sde, sqrt: SquareRoot, grid: tuple[float, ...], order: int, corr
     ts = np.asarray(grid, np.float64)
     n = len(ts) - 1
     K = sqrt if K is None else K
-    rs = [sqrt.np(t) for t in ts]
-    ms = [sde.transition_np(t=t, s=0.0)[..., :, 0] for t in ts]
+    rs = list(sqrt.np(ts))
+    ms = list(sde.transition_np(t=ts, s=0.0)[..., :, 0])
     kshape = ms[0].shape
     # history: D_i .. D_{i-order}, and with a corrector also the previous step's order + 1 slots after slot 0
     n_hist = max(order + 1 + (corrector >= 0), corrector + 2, 1)

@@ -74,7 +74,7 @@ def _p_vals(sde: Family, sqrt: SquareRoot, t_next: float, t: float) -> np.ndarra
     gl_x, _ = np.polynomial.legendre.leggauss(_GL_NODES)
     v_lo, v_hi = np.log(t_next), np.log(t)
     taus = np.exp(0.5 * (v_hi - v_lo) * gl_x + 0.5 * (v_hi + v_lo))
-    return np.stack([sde.transition_np(t=t_next, s=tau) @ sqrt.np(tau) for tau in taus])
+    return sde.transition_np(t=t_next, s=taus) @ sqrt.np(taus)
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,8 +94,8 @@ def gddim_coefficients(sde: Family, sqrt: SquareRoot, grid: tuple[float, ...], o
     psi = np.stack([sde.transition_np(t=ts[i + 1], s=ts[i]) for i in range(n)])
     coef = np.zeros((n, order + 1) + psi.shape[1:])
     noise = np.zeros_like(psi)
-    m_next = np.stack([sde.transition_np(t=t, s=0.0)[..., :, 0] for t in ts[1:]])
-    r_next = np.stack([sqrt.np(t) for t in ts[1:]])
+    m_next = sde.transition_np(t=ts[1:], s=0.0)[..., :, 0]
+    r_next = sqrt.np(ts[1:])
     gl_x, gl_w = np.polynomial.legendre.leggauss(_GL_NODES)
     for i in range(n):
         t, t_next = ts[i], ts[i + 1]

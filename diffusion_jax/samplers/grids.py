@@ -14,11 +14,7 @@ def noise_level(sde: Family, t: np.ndarray) -> np.ndarray:
     For VE it is sqrt(B(t)) (EDM's sigma); for VP sqrt(e^B - 1) (EDM's sigma of VP); for a modal family
     (bdm) that of its unblurred lowest-frequency mode.
     """
-    t = np.atleast_1d(np.asarray(t, np.float64))
-    out = np.empty_like(t)
-    for i, ti in enumerate(t):
-        out[i] = sde.noise_level_np(ti)
-    return out
+    return np.asarray(sde.noise_level_np(np.atleast_1d(np.asarray(t, np.float64))))
 
 
 def _invert_monotone(sde: Family, t_start: float, t_end: float, target: np.ndarray, fn) -> np.ndarray:
@@ -27,18 +23,14 @@ def _invert_monotone(sde: Family, t_start: float, t_end: float, target: np.ndarr
     vals = fn(dense)
     if not np.all(np.diff(vals) > 0):
         raise ValueError(f"{sde.name}: the noise level is not monotone on [{t_end}, {t_start}]")
-    out = np.empty_like(target)
-    for i, v in enumerate(target):
-        j = int(np.clip(np.searchsorted(vals, v), 1, len(dense) - 1))
-        lo, hi = dense[j - 1], dense[j]
-        for _ in range(60):                       # bisection on the exact function: no interpolation error
-            mid = 0.5 * (lo + hi)
-            if fn(np.array([mid]))[0] < v:
-                lo = mid
-            else:
-                hi = mid
-        out[i] = 0.5 * (lo + hi)
-    return out
+    target = np.asarray(target, np.float64)
+    j = np.clip(np.searchsorted(vals, target), 1, len(dense) - 1)
+    lo, hi = dense[j - 1], dense[j]
+    for _ in range(60):                           # bisection on the exact function (every target at once)
+        mid = 0.5 * (lo + hi)
+        below = fn(mid) < target
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return 0.5 * (lo + hi)
 
 
 def time_grid(sde: Family, n_steps: int, kind: str = "uniform", t_start: float | None = None,

@@ -181,14 +181,16 @@ class LinearSDE(FamilyBase):
         return acc
 
     def _noise_root(self, x, xp, dtype=None):
-        """N (k x n r) with N N^T = int_0^{x h} e^{Ar} Q e^{A^T r} dr, Gauss-Legendre on [0, x h]."""
+        """N (*x.shape, k, n r) with N N^T = int_0^{x h} e^{Ar} Q e^{A^T r} dr, Gauss-Legendre on [0, x h]."""
         pg = self._pg if dtype is None else xp.asarray(self._pg, dtype)
         nodes = self._gl_nodes if dtype is None else xp.asarray(self._gl_nodes, dtype)
         weights = self._gl_weights if dtype is None else xp.asarray(self._gl_weights, dtype)
-        xq = x * nodes                                           # (n,)
-        cols = self._taylor(xq[:, None, None], pg[:, None], xp)  # (n, k, r)
-        cols = cols * xp.sqrt(weights * x * self._h)[:, None, None]
-        return xp.concatenate([cols[i] for i in range(cols.shape[0])], axis=1)
+        x = xp.asarray(x)[..., None]                             # (*x, 1)
+        xq = x * nodes                                           # (*x, n)
+        cols = self._taylor(xq[..., None, None], pg[:, None], xp)  # (*x, n, k, r)
+        cols = cols * xp.sqrt(weights * x * self._h)[..., None, None]
+        # node-major columns: N = [N_1 | N_2 | ...]
+        return xp.swapaxes(cols, -3, -2).reshape(cols.shape[:-3] + (cols.shape[-2], -1))
 
     def _split(self, b, xp):
         idx = xp.clip(xp.floor(b / self._h), 0, self._n_tab - 1).astype(np.int32)
@@ -200,14 +202,16 @@ class LinearSDE(FamilyBase):
         node's expm(A h)^j (b >= 0) or expm(-A h)^j (b < 0)."""
         idx, x = self._split(xp.abs(b), xp)
         conv = (lambda a: a) if dtype is None else (lambda a: xp.asarray(a, dtype))
-        node = xp.where(b < 0, conv(self._inv_tab)[idx], conv(self._phi_tab)[idx])
-        return self._taylor(xp.where(b < 0, -x, x), conv(self._p), xp) @ node
+        neg = xp.asarray(b < 0)
+        node = xp.where(neg[..., None, None], conv(self._inv_tab)[idx], conv(self._phi_tab)[idx])
+        return self._taylor(xp.where(neg, -x, x)[..., None, None], conv(self._p), xp) @ node
 
     def _chol_b(self, b, xp, dtype=None):
         idx, x = self._split(b, xp)
         p = self._p if dtype is None else xp.asarray(self._p, dtype)
         tab = self._l_tab if dtype is None else xp.asarray(self._l_tab, dtype)
-        kmat = xp.concatenate([self._taylor(x, p, xp) @ tab[idx], self._noise_root(x, xp, dtype)], axis=1)
+        kmat = xp.concatenate([self._taylor(xp.asarray(x)[..., None, None], p, xp) @ tab[idx],
+                               self._noise_root(x, xp, dtype)], axis=-1)
         return tri_factor(kmat, xp)
 
     # ------------------------------------------------------------------ public API (JAX)
@@ -276,11 +280,16 @@ class LinearSDE(FamilyBase):
         return self.beta(t) * (n * float(np.trace(self.A)))
 
     # ------------------------------------------------------------------ public API (host float64)
-    def drift_matrix_np(self, t: float) -> np.ndarray:
-        return float(self.schedule.beta(np.float64(t), np)) * self.A
+    # The host twins of the transition, the factor and the drift and noise matrices take a float or an array of
+    # times and return (*t.shape, k, k): one call builds a whole quadrature's worth of tables.
+    def _beta_np(self, t) -> np.ndarray:
+        return np.asarray(self.schedule.beta(np.asarray(t, np.float64), np), np.float64)[..., None, None]
 
-    def noise_matrix_np(self, t: float) -> np.ndarray:
-        return float(self.schedule.beta(np.float64(t), np)) * self.Q
+    def drift_matrix_np(self, t: float | np.ndarray) -> np.ndarray:
+        return self._beta_np(t) * self.A
+
+    def noise_matrix_np(self, t: float | np.ndarray) -> np.ndarray:
+        return self._beta_np(t) * self.Q
 
     def reverse_covariance_np(self, t_next: float, t: float) -> np.ndarray:
         """Sigma_rev = int_0^b e^{-A r} Q e^{-A^T r} dr, b = B(t) - B(t'): the noise of the exact reverse
@@ -295,15 +304,15 @@ class LinearSDE(FamilyBase):
         cov = e[k:, k:].T @ e[:k, k:]
         return 0.5 * (cov + cov.T)
 
-    def expm_b_np(self, b: float) -> np.ndarray:
-        return self._expm(np.float64(b), np)
+    def expm_b_np(self, b: float | np.ndarray) -> np.ndarray:
+        return self._expm(np.asarray(b, np.float64), np)
 
-    def transition_np(self, *, t: float, s: float) -> np.ndarray:
-        b = self.schedule.integral(np.float64(t), np) - self.schedule.integral(np.float64(s), np)
+    def transition_np(self, *, t: float | np.ndarray, s: float | np.ndarray) -> np.ndarray:
+        b = self.schedule.integral(np.asarray(t, np.float64), np) - self.schedule.integral(np.asarray(s, np.float64), np)
         return self.expm_b_np(b)
 
-    def cholesky_np(self, t: float) -> np.ndarray:
-        return self._chol_b(np.float64(self.schedule.integral(np.float64(t), np)), np)
+    def cholesky_np(self, t: float | np.ndarray) -> np.ndarray:
+        return self._chol_b(np.asarray(self.schedule.integral(np.asarray(t, np.float64), np), np.float64), np)
 
 
 @functools.lru_cache(maxsize=64)

@@ -222,25 +222,31 @@ class ModalSDE(FamilyBase):
         return jnp.sum(per, axis=tuple(range(batch_ndim, per.ndim)))
 
     # ------------------------------------------------------------------ public API (host float64)
+    # The host twins take a float or an array of times and return (*t.shape, *modes, 1, 1).
     def _np_mat(self, x, t_shape=()) -> np.ndarray:
         x = np.broadcast_to(x, tuple(t_shape) + self.mode_shape)
         return np.array(x)[..., None, None]
 
-    def transition_np(self, *, t: float, s: float) -> np.ndarray:
-        la = self.law.log_mean(np.float64(t), np) - self.law.log_mean(np.float64(s), np)
-        return self._np_mat(np.exp(la))
+    def _law_np(self, fn, t) -> np.ndarray:
+        t = np.asarray(t, np.float64)
+        return self._np_mat(fn(self._tb(t, np), np), t.shape)
 
-    def cholesky_np(self, t: float) -> np.ndarray:
-        return self._np_mat(np.sqrt(self.law.variance(np.float64(t), np)))
+    def transition_np(self, *, t: float | np.ndarray, s: float | np.ndarray) -> np.ndarray:
+        t, s = np.broadcast_arrays(np.asarray(t, np.float64), np.asarray(s, np.float64))
+        la = self.law.log_mean(self._tb(t, np), np) - self.law.log_mean(self._tb(s, np), np)
+        return self._np_mat(np.exp(la), t.shape)
 
-    def covariance_np(self, t: float) -> np.ndarray:
-        return self._np_mat(self.law.variance(np.float64(t), np))
+    def cholesky_np(self, t: float | np.ndarray) -> np.ndarray:
+        return np.sqrt(self.covariance_np(t))
 
-    def drift_matrix_np(self, t: float) -> np.ndarray:
-        return self._np_mat(self.law.dlog_mean(np.float64(t), np))
+    def covariance_np(self, t: float | np.ndarray) -> np.ndarray:
+        return self._law_np(self.law.variance, t)
 
-    def noise_matrix_np(self, t: float) -> np.ndarray:
-        return self._np_mat(self._noise(np.float64(t), np))
+    def drift_matrix_np(self, t: float | np.ndarray) -> np.ndarray:
+        return self._law_np(self.law.dlog_mean, t)
+
+    def noise_matrix_np(self, t: float | np.ndarray) -> np.ndarray:
+        return self._law_np(self._noise, t)
 
     def reverse_covariance_np(self, t_next: float, t: float) -> np.ndarray:
         """Noise of the exact reverse linear step t -> t' < t: Phi(t', t)^2 s(t)^2 - s(t')^2 per mode."""
