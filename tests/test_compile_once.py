@@ -188,3 +188,29 @@ def test_published_statistics_are_checked(tmp_path):
         load_published_statistics(str(tmp_path / "asym.npz"))
     with pytest.raises(FileNotFoundError, match="'mu' \\(d,\\) and 'sigma'"):
         load_published_statistics(str(tmp_path / "missing.npz"))
+
+
+def test_core_kernels_are_traced_once_for_all_programs(monkeypatch):
+    """The float32 table kernels (Cholesky factor, transition, U_t) are traced once per (family, shape) however
+    many programs use them: two different jitted functions of the same family and shape trace each kernel at
+    most once between them (a per-call vectorize would trace it in both), and give the eager values."""
+    from diffusion_jax.param.roots import SquareRoot, square_root
+    from diffusion_jax.sdes.linear import LinearSDE
+    counts = {"_chol_b": 0, "_expm": 0, "_rotation": 0}
+    for cls, name in ((LinearSDE, "_chol_b"), (LinearSDE, "_expm"), (SquareRoot, "_rotation")):
+        orig = getattr(cls, name)
+
+        def counting(self, *a, _orig=orig, _name=name, **kw):
+            if isinstance(a[0], jax.core.Tracer):              # the traced (float32) path, not the host tables
+                counts[_name] += 1
+            return _orig(self, *a, **kw)
+        monkeypatch.setattr(cls, name, counting)
+    sde = sdes.make("cdhold", n=3, T=0.95)                       # a family no other test traces
+    root = square_root(sde, "R")
+    ts = jnp.linspace(0.1, 0.9, 5)
+    f = jax.jit(lambda t: root(t) @ sde.transition(t=t, s=0.0))
+    g = jax.jit(lambda t: jnp.sum(sde.cholesky(t), axis=0) + 2.0 * sde.transition(t=t, s=0.0)[0] + root(t)[-1])
+    a, b = f(ts), g(ts)
+    assert counts == {"_chol_b": 1, "_expm": 1, "_rotation": 1}, counts
+    np.testing.assert_allclose(a, np.asarray(root(ts)) @ np.asarray(sde.transition(t=ts, s=0.0)), rtol=1e-6, atol=1e-7)
+    assert b.shape == (3, 3)

@@ -23,6 +23,7 @@ import functools
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -178,7 +179,7 @@ class SquareRoot:
             return self.sde.cholesky(t)
         chol = self.sde.cholesky(t)
         t = jnp.asarray(t, dtype=chol.dtype)
-        rot = jnp.vectorize(lambda tt: self._rotation(tt, jnp, tt.dtype), signature="()->(i,j)")(t)
+        rot = _rotation_kernel(self, t)
         # U_t is shared by every mode: align it with the (*t, *modes, k, k) factor of a modal family
         return chol @ rot.reshape(t.shape + (1,) * self.sde.mode_ndim + rot.shape[-2:])
 
@@ -189,6 +190,12 @@ class SquareRoot:
         t = np.asarray(t, np.float64)
         rot = self._rotation(t, np)
         return self.sde.cholesky_np(t) @ rot.reshape(t.shape + (1,) * self.sde.mode_ndim + rot.shape[-2:])
+
+
+# U_t's table lookup, traced once per (square root, shape) and reused by every program (as sdes.linear's kernels)
+@functools.partial(jax.jit, static_argnums=0)
+def _rotation_kernel(root: SquareRoot, t: Array) -> Array:
+    return jnp.vectorize(lambda tt: root._rotation(tt, jnp, tt.dtype), signature="()->(i,j)")(t)
 
 
 @functools.lru_cache(maxsize=32)

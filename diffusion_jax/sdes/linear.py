@@ -47,6 +47,17 @@ _GAUSS_EXTRA = 6        # Gauss-Legendre nodes beyond k
 _MAX_TABLE = 200_000
 
 
+# The float32 kernels behind transition and cholesky, jitted with the family (hashable by value) static: a
+# program that calls them reuses their traced jaxpr instead of retracing the table lookup, the Taylor series
+# and the QR (tens of primitives) for every sampler, loss or score it builds; XLA inlines the call.
+@functools.partial(jax.jit, static_argnums=0)
+def _expm_kernel(sde: "LinearSDE", b: Array) -> Array:
+    return jnp.vectorize(lambda bb: sde._expm(bb, jnp, bb.dtype), signature="()->(i,j)")(b)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _chol_kernel(sde: "LinearSDE", b: Array) -> Array:
+    return jnp.vectorize(lambda bb: sde._chol_b(bb, jnp, bb.dtype), signature="()->(i,j)")(b)
 
 
 class LinearSDE(FamilyBase):
@@ -235,8 +246,7 @@ class LinearSDE(FamilyBase):
 
     def expm_b(self, b: Array) -> Array:
         """expm(A b) for a B-increment b of any sign (negative: the inverse of expm(A |b|))."""
-        b = self._float(b)
-        return jnp.vectorize(lambda bb: self._expm(bb, jnp, bb.dtype), signature="()->(i,j)")(b)
+        return _expm_kernel(self, self._float(b))
 
     def transition(self, *, t: Array, s: Array) -> Array:
         """Phi(t, s) = expm(A (B(t) - B(s))): maps the mean at time s to time t (t < s allowed)."""
@@ -247,8 +257,7 @@ class LinearSDE(FamilyBase):
     def cholesky(self, t: Array) -> Array:
         """Lower-triangular L_t with L_t L_t^T = Sigma_t, shape (*t.shape, k, k)."""
         self._check_t(t)
-        b = self.B(t)
-        return jnp.vectorize(lambda bb: self._chol_b(bb, jnp, bb.dtype), signature="()->(i,j)")(b)
+        return _chol_kernel(self, self.B(t))
 
     def prior_sample(self, key: Array, shape: tuple[int, ...]) -> Array:
         """Samples of the prior N(0, Sigma_prior) per pixel, shape (*shape, k)."""
