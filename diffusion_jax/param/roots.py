@@ -14,8 +14,10 @@ Two square roots (docs/maths.md section 4):
   Along the probability-flow ODE of a single data point, u_t = m_t x_0 + R_t eps with eps constant, so
   an exponential integrator in eps (gDDIM) is exact there. We write R_t = L_t U_t with U_t orthogonal
   (U_T = I) and solve the smooth rotation ODE for U once on the host in float64 (in log t); at run time
-  U_t comes from a cubic Hermite interpolant on a log-t grid and L_t from the core, so R R^T = Sigma_t
-  holds to the core's accuracy whatever the interpolation error.
+  U_t comes from a cubic Hermite interpolant on a log-t grid (64 nodes per octave) and L_t from the core, so
+  R R^T = Sigma_t holds up to the interpolant's departure from orthogonality, O((h |t S(t)|)^4) between nodes
+  and largest near T where |t S| is: max |U U^T - I| over t is 2.2e-7 (CLD), 1.2e-6 (TOLD), 1.3e-5 (CD-HOLD
+  n = 4), 6.7e-5 (n = 5), 1.7e-3 (n = 8), each at t ~ 0.96, and below 1e-7 for t < 0.1 up to n = 5.
 """
 from __future__ import annotations
 
