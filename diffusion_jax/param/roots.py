@@ -25,11 +25,10 @@ import functools
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.sdes.base import Family
+from diffusion_jax.sdes.base import Family, table_kernel
 
 Array = Any
 SQUARE_ROOTS = ("R", "L")
@@ -181,23 +180,18 @@ class SquareRoot:
             return self.sde.cholesky(t)
         chol = self.sde.cholesky(t)
         t = jnp.asarray(t, dtype=chol.dtype)
-        rot = _rotation_kernel(self, t)
-        # U_t is shared by every mode: align it with the (*t, *modes, k, k) factor of a modal family
-        return chol @ rot.reshape(t.shape + (1,) * self.sde.mode_ndim + rot.shape[-2:])
+        return chol @ self._per_mode(t.shape, table_kernel(self, "_rotation", t))
 
     def np(self, t: float | np.ndarray) -> np.ndarray:
         """K_t in float64 on the host, for a float or an array of times: shape (*t.shape, [*modes,] k, k)."""
         if self.kind == "L":
             return self.sde.cholesky_np(t)
         t = np.asarray(t, np.float64)
-        rot = self._rotation(t, np)
-        return self.sde.cholesky_np(t) @ rot.reshape(t.shape + (1,) * self.sde.mode_ndim + rot.shape[-2:])
+        return self.sde.cholesky_np(t) @ self._per_mode(t.shape, self._rotation(t, np))
 
-
-# U_t's table lookup, traced once per (square root, shape) and reused by every program (as sdes.linear's kernels)
-@functools.partial(jax.jit, static_argnums=0)
-def _rotation_kernel(root: SquareRoot, t: Array) -> Array:
-    return jnp.vectorize(lambda tt: root._rotation(tt, jnp, tt.dtype), signature="()->(i,j)")(t)
+    def _per_mode(self, t_shape: tuple[int, ...], rot: Array) -> Array:
+        """U_t (*t, k, k) aligned with the (*t, *modes, k, k) factor of a modal family (U is shared by every mode)."""
+        return rot.reshape(tuple(t_shape) + (1,) * self.sde.mode_ndim + rot.shape[-2:])
 
 
 @functools.lru_cache(maxsize=32)

@@ -91,15 +91,16 @@ def gddim_coefficients(sde: Family, sqrt: SquareRoot, grid: tuple[float, ...], o
     ts = np.asarray(grid, np.float64)
     n = len(ts) - 1
     # Per-step matrices have the family's shape: (k, k), or (*mode_shape, k, k) for a modal family.
-    psi = np.stack([sde.transition_np(t=ts[i + 1], s=ts[i]) for i in range(n)])
+    psi = sde.transition_np(t=ts[1:], s=ts[:-1])
     coef = np.zeros((n, order + 1) + psi.shape[1:])
     noise = np.zeros_like(psi)
     m_next = sde.transition_np(t=ts[1:], s=0.0)[..., :, 0]
-    r_next = sqrt.np(ts[1:])
+    r_all = sqrt.np(ts)
+    r_next = r_all[1:]
     gl_x, gl_w = np.polynomial.legendre.leggauss(_GL_NODES)
     for i in range(n):
         t, t_next = ts[i], ts[i + 1]
-        r_t, r_tn = sqrt.np(t), r_next[i]
+        r_t, r_tn = r_all[i], r_next[i]
         q = min(order, i)
         nodes = ts[i - q:i + 1][::-1]                   # t_i, t_{i-1}, ..., t_{i-q}
         # quadrature in v = log tau over [log t', log t] (R varies on a log scale near 0)

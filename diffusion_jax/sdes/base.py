@@ -26,6 +26,7 @@ be static arguments of ``jax.jit`` and keys of host-side caches (``functools.lru
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Hashable, Protocol, runtime_checkable
 
@@ -121,6 +122,18 @@ def expand_per_mode(m: Array, target_ndim: int, mode_ndim: int, trailing: int) -
         return m
     t_ndim = m.ndim - trailing - mode_ndim
     return m.reshape(m.shape[:t_ndim] + (1,) * n_missing + m.shape[t_ndim:])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def table_kernel(owner: Hashable, method: str, x: Array) -> Array:
+    """``owner.method(x_i, jnp, dtype)`` (a (k, k) table lookup) at every element of ``x``: (*x.shape, k, k).
+
+    Jitted with the owner (a family, hashable by value, or a square root) and the method name static, so every
+    program that uses a kernel reuses its one traced jaxpr per (owner, shape, dtype) instead of retracing the
+    lookup, Taylor series or QR (tens of primitives) per call; inside an outer jit XLA inlines it.
+    """
+    fn = getattr(owner, method)
+    return jnp.vectorize(lambda y: fn(y, jnp, y.dtype), signature="()->(i,j)")(x)
 
 
 def tri_factor(k_mat: Array, xp) -> Array:

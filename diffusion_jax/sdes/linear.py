@@ -37,7 +37,7 @@ import numpy as np
 import scipy.linalg
 
 from diffusion_jax import linalg
-from diffusion_jax.sdes.base import FamilyBase, apply_matrix, tri_factor
+from diffusion_jax.sdes.base import FamilyBase, apply_matrix, table_kernel, tri_factor
 from diffusion_jax.sdes.schedules import Schedule
 
 Array = Any
@@ -45,19 +45,6 @@ Array = Any
 _TAYLOR_EXTRA = 14      # Taylor terms beyond the order k-1 of the smallest (structurally delayed) entry
 _GAUSS_EXTRA = 6        # Gauss-Legendre nodes beyond k
 _MAX_TABLE = 200_000
-
-
-# The float32 kernels behind transition and cholesky, jitted with the family (hashable by value) static: a
-# program that calls them reuses their traced jaxpr instead of retracing the table lookup, the Taylor series
-# and the QR (tens of primitives) for every sampler, loss or score it builds; XLA inlines the call.
-@functools.partial(jax.jit, static_argnums=0)
-def _expm_kernel(sde: "LinearSDE", b: Array) -> Array:
-    return jnp.vectorize(lambda bb: sde._expm(bb, jnp, bb.dtype), signature="()->(i,j)")(b)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _chol_kernel(sde: "LinearSDE", b: Array) -> Array:
-    return jnp.vectorize(lambda bb: sde._chol_b(bb, jnp, bb.dtype), signature="()->(i,j)")(b)
 
 
 class LinearSDE(FamilyBase):
@@ -246,7 +233,7 @@ class LinearSDE(FamilyBase):
 
     def expm_b(self, b: Array) -> Array:
         """expm(A b) for a B-increment b of any sign (negative: the inverse of expm(A |b|))."""
-        return _expm_kernel(self, self._float(b))
+        return table_kernel(self, "_expm", self._float(b))
 
     def transition(self, *, t: Array, s: Array) -> Array:
         """Phi(t, s) = expm(A (B(t) - B(s))): maps the mean at time s to time t (t < s allowed)."""
@@ -257,7 +244,7 @@ class LinearSDE(FamilyBase):
     def cholesky(self, t: Array) -> Array:
         """Lower-triangular L_t with L_t L_t^T = Sigma_t, shape (*t.shape, k, k)."""
         self._check_t(t)
-        return _chol_kernel(self, self.B(t))
+        return table_kernel(self, "_chol_b", self.B(t))
 
     def prior_sample(self, key: Array, shape: tuple[int, ...]) -> Array:
         """Samples of the prior N(0, Sigma_prior) per pixel, shape (*shape, k)."""
@@ -317,8 +304,8 @@ class LinearSDE(FamilyBase):
         return self._expm(np.asarray(b, np.float64), np)
 
     def transition_np(self, *, t: float | np.ndarray, s: float | np.ndarray) -> np.ndarray:
-        b = self.schedule.integral(np.asarray(t, np.float64), np) - self.schedule.integral(np.asarray(s, np.float64), np)
-        return self.expm_b_np(b)
+        big_b = lambda x: self.schedule.integral(np.asarray(x, np.float64), np)
+        return self.expm_b_np(big_b(t) - big_b(s))
 
     def cholesky_np(self, t: float | np.ndarray) -> np.ndarray:
         return self._chol_b(np.asarray(self.schedule.integral(np.asarray(t, np.float64), np), np.float64), np)
