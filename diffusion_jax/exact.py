@@ -211,9 +211,13 @@ def _moments(sde, u: Array, t: Array) -> tuple[Array, Array, Array, Array]:
 
 
 def _softmax(logit: Array) -> Array:
-    """softmax over the last axis; the logits must be moderate near their maximum (see _mixture_parts)."""
-    p = jnp.exp(jnp.minimum(logit - jnp.max(logit, axis=-1, keepdims=True), 0.0))
-    return p / jnp.sum(p, axis=-1, keepdims=True)
+    """softmax over the last axis; the logits must be moderate near their maximum (see _mixture_parts).
+
+    jax.nn.softmax differentiates by its closed form, never through the max: XLA may recompute the logits
+    in two fusions that round differently (FMA contraction), and then the max equals none of them bitwise,
+    so the max's own gradient (mask of the maximisers / their count) would be 0 / 0.
+    """
+    return jax.nn.softmax(logit, axis=-1)
 
 
 class _Parts(NamedTuple):
@@ -265,8 +269,9 @@ def _mixture_parts(sde, mix: GaussianMixture, u: Array, t: Array) -> _Parts:
 def _log_density_one(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
     """One state u (d, k), scalar t: see :func:`mixture_log_density`."""
     p = _mixture_parts(sde, mix, u, t)
-    mx = jnp.max(p.logit)
-    return mx + jnp.log(jnp.sum(jnp.exp(jnp.minimum(p.logit - mx, 0.0)))) + p.shift
+    # logsumexp holds its max under stop_gradient (the value does not depend on it): see _softmax for the
+    # NaN that differentiating the max gave (measured: jit(vmap(grad)) at LLVM -O0, CLD, t = 0.1).
+    return jax.nn.logsumexp(p.logit) + p.shift
 
 
 def _score_one(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
