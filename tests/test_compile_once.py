@@ -17,6 +17,7 @@ from diffusion_jax import samplers, sdes
 from diffusion_jax.compilation import CompileLog
 from diffusion_jax.evaluation.fid import StreamingStatistics, feature_statistics, load_published_statistics
 from diffusion_jax.samplers import prior_init, sample
+from xla_env import xla_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -147,7 +148,7 @@ def test_typed_keys_work_for_every_method(method):
 
 def test_sharded_sampling_equals_unsharded():
     """8 forced host devices, the batch laid out over a 'data' mesh: the same samples as on one device."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_sampling_driver.py")], env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -16,6 +16,7 @@ import pytest
 
 import inception_reference as ref
 from torch_format import _pk_global, torch_save, write_fake_torch_checkpoint, write_state_dict_as_torch
+from xla_env import xla_flags
 from diffusion_jax.evaluation import fid as fidlib
 from diffusion_jax.evaluation import inception as inc
 from diffusion_jax.evaluation import torch_pickle
@@ -435,7 +436,7 @@ def test_sharded_features_and_grayscale_in_subprocess(tmp_path):
     np.savez(npz, **random_torch_state_dict(2))
     script = textwrap.dedent(f"""
         import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        os.environ["XLA_FLAGS"] = {xla_flags(2)!r}
         os.environ["JAX_PLATFORMS"] = "cpu"
         import jax, numpy as np
         from jax.sharding import AxisType

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from xla_env import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "train_driver.py")
 CONFIG = os.path.join(ROOT, "configs", "digits_cld.py")
@@ -43,7 +45,7 @@ def _free_port() -> int:
 
 def _env(devices: int, data_dir: str, cache: str) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TFDS_DATA_DIR=data_dir,
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                XLA_FLAGS=xla_flags(devices),
                 JAX_COMPILATION_CACHE_DIR=cache)
 
 

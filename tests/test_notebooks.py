@@ -18,6 +18,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
+from xla_env import xla_flags  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NB_DIR = os.path.join(ROOT, "notebooks")
@@ -65,7 +66,7 @@ def _run(name: str, cwd: str, tmp_path, setup_only: bool = False) -> None:
     out = tmp_path / "figures"
     env = dict(os.environ, DIFFUSION_JAX_NB_SMALL="1", JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
                DIFFUSION_JAX_NB_OUT=str(out))
-    env.pop("XLA_FLAGS", None)                 # one host device, whatever the calling test session set
+    env["XLA_FLAGS"] = xla_flags(1)            # one host device, whatever the calling test session set
     km = _kernel_manager(tmp_path)
     client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT,
                                      allow_errors=False, resources={"metadata": {"path": cwd}})

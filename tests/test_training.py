@@ -19,6 +19,7 @@ from diffusion_jax.evaluation.distances import gaussian_fit_samples
 from diffusion_jax.data import load_split
 from diffusion_jax.training import load_run, sample_data, train
 from diffusion_jax.training.checkpoint import Checkpointer
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "train_driver.py")
@@ -28,7 +29,7 @@ TINY_DIGITS = ["model.kwargs.nf=8", "model.kwargs.ch_mult=[1]", "model.kwargs.nu
 
 def _driver(config, workdir, out, overrides, devices=1, background=False, data_dir=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+    env["XLA_FLAGS"] = xla_flags(devices)
     if data_dir:
         env["TFDS_DATA_DIR"] = data_dir
     # TensorBoard off: TensorFlow's import adds ~4 s per process (the summaries have their own test below)
