@@ -89,7 +89,7 @@ import jax.numpy as jnp
 from diffusion_jax.sdes.base import tri_factor as _core_tri_factor
 import numpy as np
 from jax import lax
-from diffusion_jax.linalg import solve_triangular
+from diffusion_jax.linalg import einsum, matmul, solve_triangular
 
 Array = Any
 
@@ -280,7 +280,7 @@ def _score_one(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
     resp = _softmax(p.logit)                                                     # (M,)
     per = solve_triangular(p.fac, p.white, lower=True, trans=True)               # (M, G, k, c) = C_i^{-1} r
     per = jnp.where(resp[:, None, None, None] > 0, per, 0.0)   # far components may overflow; their weight is 0
-    return _pixels(sde, -_ungroup(jnp.einsum("i,igkc->gkc", resp, per)))
+    return _pixels(sde, -_ungroup(einsum("i,igkc->gkc", resp, per)))
 
 
 def _denoiser_one(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
@@ -290,9 +290,9 @@ def _denoiser_one(sde, mix: GaussianMixture, u: Array, t: Array) -> Array:
     resp = _softmax(p.logit)
     b = solve_triangular(p.fac, jnp.broadcast_to(p.m[..., None], p.fac.shape[:-1] + (1,)), lower=True)[..., 0]
     var = jnp.asarray(mix.variances, dtype)                                      # b: (M, G, k)
-    shrink = jnp.where(var[:, None, None] > 0, var[:, None, None] * jnp.einsum("igk,igkc->igc", b, p.white), 0.0)
+    shrink = jnp.where(var[:, None, None] > 0, var[:, None, None] * einsum("igk,igkc->igc", b, p.white), 0.0)
     post = p.means + shrink.reshape(p.means.shape)                               # (M, d)
-    den = resp @ jnp.where(resp[:, None] > 0, post, 0.0)
+    den = matmul(resp, jnp.where(resp[:, None] > 0, post, 0.0))
     return _pixels(sde, den[:, None])[:, 0]
 
 
@@ -321,8 +321,8 @@ def _eps_one(sde, mix: GaussianMixture, u: Array, t: Array, K: Array | None = No
     kmat = p.chol if K is None else _square_root_per_group(sde, K, p.chol)
     resp = _softmax(p.logit)
     g = solve_triangular(p.fac, jnp.broadcast_to(kmat, p.fac.shape), lower=True)   # (M, G, k, k) = F_i^{-1} K
-    per = jnp.where(resp[:, None, None, None] > 0, jnp.einsum("iglk,iglc->igkc", g, p.white), 0.0)
-    return _pixels(sde, _ungroup(jnp.einsum("i,igkc->gkc", resp, per)))
+    per = jnp.where(resp[:, None, None, None] > 0, einsum("iglk,iglc->igkc", g, p.white), 0.0)
+    return _pixels(sde, _ungroup(einsum("i,igkc->gkc", resp, per)))
 
 
 # ----------------------------------------------------------------------------------------- empirical
@@ -336,7 +336,7 @@ def _gls_one(sde, u: Array, t: Array) -> tuple[Array, Array]:
     scale = jnp.max(jnp.abs(a), axis=-1)                                         # (G,)
     a_s = a / scale[:, None]
     a2_s = jnp.sum(a_s * a_s, axis=-1)
-    xhat = jnp.einsum("gk,gkc->gc", a_s, uw) / a2_s[:, None] / scale[:, None]
+    xhat = einsum("gk,gkc->gc", a_s, uw) / a2_s[:, None] / scale[:, None]
     s2 = 1.0 / a2_s / scale / scale
     return xhat.reshape(-1), (s2 if sde.mode_ndim else s2[0])
 
@@ -379,7 +379,7 @@ def _empirical_denoiser_one(sde, data: Array, u: Array, t: Array, chunk: int = 1
         scale = jnp.where(new_min < dmin, jnp.exp((new_min - dmin) * inv2s2), 1.0)
         gap = dist - new_min
         p = jnp.where(gap > 0, jnp.exp(-gap * inv2s2), 1.0)
-        return new_min, tot * scale + jnp.sum(p), acc * scale + p @ y
+        return new_min, tot * scale + jnp.sum(p), acc * scale + matmul(p, y)
 
     carry = (jnp.asarray(jnp.inf, dtype), jnp.zeros((), dtype), jnp.zeros((d,), dtype))
     n_full = n_data // chunk

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from diffusion_jax import exact
+from diffusion_jax import exact, linalg
 from diffusion_jax.analysis.geometry import reference_mean_coefficient
 from diffusion_jax.samplers.grids import noise_level
 from diffusion_jax.sdes.base import Family
@@ -80,7 +80,7 @@ def kernel_weighted_mean(data: Array, x: Array, log_ratio: Callable[[Array, Arra
         # the first chunk has dmin = inf: its rescale factor multiplies zeros
         scale = jnp.where(jnp.isfinite(dmin), jnp.exp(log_ratio(dmin, new_min)), 0.0)
         p = jnp.exp(log_ratio(dist, new_min[:, None]))
-        return new_min, tot * scale + jnp.sum(p, -1), acc * scale[:, None] + p @ y
+        return new_min, tot * scale + jnp.sum(p, -1), acc * scale[:, None] + linalg.matmul(p, y)
 
     m = x.shape[0]
     carry = (jnp.full((m,), jnp.inf, dtype), jnp.zeros((m,), dtype), jnp.zeros((m, d), dtype))

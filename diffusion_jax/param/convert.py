@@ -43,7 +43,7 @@ def eps_from_denoiser(sde: Any, u: Array, d: Array, m_t: Array, k_t: Array) -> A
 def denoiser_from_eps(sde: Any, u: Array, eps: Array, m_t: Array, k_t: Array) -> Array:
     """D = w^T (K^{-1} u - eps) / |w|^2 with w = K^{-1} m_t."""
     k_inv = _inv(k_t)
-    w = jnp.einsum("...ij,...j->...i", k_inv, m_t)
+    w = linalg.einsum("...ij,...j->...i", k_inv, m_t)
     return sde.project(w / jnp.sum(w * w, axis=-1, keepdims=True), sde.apply(k_inv, u) - eps)
 
 
@@ -70,7 +70,7 @@ def carried_tables(sde: Any, carried: SquareRoot, K: SquareRoot, ts: np.ndarray)
         s_t = carried.np(t)
         m_t = np.asarray(sde.transition_np(t=t, s=0.0))[..., :, 0]
         s_inv = np.linalg.inv(s_t)
-        w = (s_inv @ m_t[..., None])[..., 0]
+        w = linalg.matmul(s_inv, m_t[..., None])[..., 0]
         if K is carried or K.kind == carried.kind:
             kz = np.broadcast_to(np.eye(sde.order), s_t.shape).copy()
         elif carried.kind == "R" and K.kind == "L":              # R = L U: R^{-1} L = U^T (no solve)

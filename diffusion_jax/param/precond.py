@@ -82,7 +82,7 @@ class Preconditioner:
     def eps_ref(self, u: Array, t: Array) -> Array:
         """K_t^T C_t^{-1} u: the eps of the Gaussian reference model (the mixed-score part)."""
         k_t = self.sqrt(t)
-        return self.sde.apply(jnp.swapaxes(k_t, -1, -2) @ linalg.inv(self._ref_cov(t)), u)
+        return self.sde.apply(linalg.matmul(jnp.swapaxes(k_t, -1, -2), linalg.inv(self._ref_cov(t))), u)
 
     def c_out(self, t: Array) -> Array:
         """sqrt(diag(I - K^T C^{-1} K)), shape (*t.shape, [*modes,] k): the reference posterior std of eps.

@@ -28,6 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import linalg
 from diffusion_jax.sdes.base import Family, table_kernel
 
 Array = Any
@@ -180,7 +181,7 @@ class SquareRoot:
             return self.sde.cholesky(t)
         chol = self.sde.cholesky(t)
         t = jnp.asarray(t, dtype=chol.dtype)
-        return chol @ self._per_mode(t.shape, table_kernel(self, "_rotation", t))
+        return linalg.matmul(chol, self._per_mode(t.shape, table_kernel(self, "_rotation", t)))
 
     def np(self, t: float | np.ndarray) -> np.ndarray:
         """K_t in float64 on the host, for a float or an array of times: shape (*t.shape, [*modes,] k, k)."""

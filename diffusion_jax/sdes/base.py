@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import linalg
+
 Array = Any
 
 
@@ -152,7 +154,7 @@ def apply_matrix(m: Array, u: Array) -> Array:
     m = jnp.asarray(m)
     n_extra = u.ndim - 1 - (m.ndim - 2)
     m = m.reshape(m.shape[:-2] + (1,) * n_extra + m.shape[-2:])
-    return jnp.einsum("...ij,...j->...i", m, u)
+    return linalg.einsum("...ij,...j->...i", m, u)
 
 
 class FamilyBase:
@@ -235,7 +237,7 @@ class FamilyBase:
     def apply(self, m: Array, u: Array) -> Array:
         """V (M (V^T u)) for per-mode matrices m (*t, *modes, k, k), t scalar or u's leading batch axes."""
         m = expand_per_mode(m, u.ndim + 1, self.mode_ndim, 2)
-        return self.from_modes(jnp.einsum("...ij,...j->...i", m, self.to_modes(u)))
+        return self.from_modes(linalg.einsum("...ij,...j->...i", m, self.to_modes(u)))
 
     def lift(self, m: Array, x: Array) -> Array:
         """The state V (m (V^T x)) from data x (batch, *data) and per-mode vectors m (*t, *modes, k)."""
@@ -268,7 +270,7 @@ class FamilyBase:
     def covariance(self, t: Array) -> Array:
         """Sigma_t = Cov(u_t | x_0) per mode, shape (*t.shape, *modes, k, k)."""
         chol = self.cholesky(t)
-        return chol @ jnp.swapaxes(chol, -1, -2)
+        return linalg.matmul(chol, jnp.swapaxes(chol, -1, -2))
 
     def mean_coefficient(self, t: Array) -> Array:
         """m_t = Phi(t, 0) e_0 per mode: E[u_t | x_0] = m_t x_0, shape (*t.shape, *modes, k)."""

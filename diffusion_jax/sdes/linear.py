@@ -202,13 +202,13 @@ class LinearSDE(FamilyBase):
         conv = (lambda a: a) if dtype is None else (lambda a: xp.asarray(a, dtype))
         neg = xp.asarray(b < 0)
         node = xp.where(neg[..., None, None], conv(self._inv_tab)[idx], conv(self._phi_tab)[idx])
-        return self._taylor(xp.where(neg, -x, x)[..., None, None], conv(self._p), xp) @ node
+        return linalg.matmul_xp(self._taylor(xp.where(neg, -x, x)[..., None, None], conv(self._p), xp), node, xp)
 
     def _chol_b(self, b, xp, dtype=None):
         idx, x = self._split(b, xp)
         p = self._p if dtype is None else xp.asarray(self._p, dtype)
         tab = self._l_tab if dtype is None else xp.asarray(self._l_tab, dtype)
-        kmat = xp.concatenate([self._taylor(xp.asarray(x)[..., None, None], p, xp) @ tab[idx],
+        kmat = xp.concatenate([linalg.matmul_xp(self._taylor(xp.asarray(x)[..., None, None], p, xp), tab[idx], xp),
                                self._noise_root(x, xp, dtype)], axis=-1)
         return tri_factor(kmat, xp)
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import linalg
 from diffusion_jax.sdes.base import FamilyBase
 
 Array = Any
@@ -68,7 +69,8 @@ class DCTBasis:
     def _along(self, x: Array, mats, axis_from_end: int, xp) -> Array:
         for a, c in zip(self.spatial, mats):
             ax = x.ndim - axis_from_end + a
-            x = xp.moveaxis(xp.tensordot(c, xp.moveaxis(x, ax, 0), axes=1), 0, ax)
+            dot = np.tensordot if xp is np else linalg.tensordot
+            x = xp.moveaxis(dot(c, xp.moveaxis(x, ax, 0), axes=1), 0, ax)
         return x
 
     def forward(self, u: Array, xp=jnp) -> Array:

@@ -77,7 +77,7 @@ def perturb(sde: Family, sqrt: SquareRoot, key: Array, x0: Array, t: Array,
     # eps* = K^T K'^{-T} z, per example: a triangular solve with K'^T (upper), then K^T.
     flat = z.reshape(z.shape[0], -1, sde.order)
     w = jnp.swapaxes(linalg.solve_triangular(k_c, jnp.swapaxes(flat, -1, -2), lower=True, trans=True), -1, -2)
-    target = jnp.einsum("bji,bpj->bpi", k_t, w).reshape(z.shape)
+    target = linalg.einsum("bji,bpj->bpi", k_t, w).reshape(z.shape)
     return u_t, target
 
 
@@ -87,7 +87,7 @@ def loss_weight_matrix(sde: Family, sqrt: SquareRoot, t: Array, weighting: str) 
         return None
     k_t = sqrt(t)
     g_t = sde.diffusion_matrix(t).astype(k_t.dtype)
-    return jnp.swapaxes(g_t, -1, -2) @ jnp.swapaxes(linalg.inv(k_t), -1, -2)
+    return linalg.matmul(jnp.swapaxes(g_t, -1, -2), jnp.swapaxes(linalg.inv(k_t), -1, -2))
 
 
 def score_matching_loss(eps_fn: Callable[[Array, Array], Array], sde: Family, sqrt: SquareRoot,
