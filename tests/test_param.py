@@ -14,18 +14,17 @@ FAMS = [("vp", {}), ("ve", {}), ("cld", {}), ("psld", {}), ("told", {}), ("cdhol
 
 @pytest.mark.parametrize("name,params", FAMS, ids=[f[0] + str(f[1].get("n", "")) for f in FAMS])
 def test_r_squares_to_sigma(name, params):
+    """float32 R_t R_t^T = Sigma_t to 2e-6 of sqrt(Sigma_ii Sigma_jj), at nodes and between them: 0.9945 lies
+    inside the last cell of U's table, where |t S(t)| is largest and the cubic interpolant alone was orthogonal
+    only to 1.5e-5 (n = 4) ... 2.8e-4 (n = 6); at 3e-5 the n = 6 generator's float64 rounding gave 6e-5."""
     sde = sdes.make(name, **params)
     sq = param.square_root(sde, "R")
-    ts = np.array([1e-5, 3e-5, 1e-3, 0.05, 0.37, 1.0])
-    if params.get("n", 0) >= 6:
-        # below t ~ 5e-5 the float64 Cholesky factor of the core (Sigma_t has condition ~1e36 there) carries
-        # rounding of up to 1e-1 in the generator of U, so the interpolated U is orthogonal only to ~6e-5
-        ts = ts[ts >= 1e-4]
+    ts = np.array([1e-5, 3e-5, 1e-3, 0.05, 0.37, 0.9, 0.97, 0.9945, 1.0])
     r = np.asarray(sq(jnp.asarray(ts, jnp.float32)), np.float64)
     for i, t in enumerate(ts):
         _, s = moments_by_ode(sde.A, sde.Q, sde.sigma0, float(sde.schedule.integral(t, np)))
         d = np.sqrt(np.diag(s))
-        assert np.all(np.abs(r[i] @ r[i].T - s) <= 1e-5 * np.outer(d, d)), t
+        assert np.all(np.abs(r[i] @ r[i].T - s) <= 2e-6 * np.outer(d, d)), (t, np.max(np.abs(r[i] @ r[i].T - s) / np.outer(d, d)))
 
 
 @pytest.mark.parametrize("n", [5, 6])
