@@ -251,13 +251,16 @@ def _mixture_parts(sde, mix: GaussianMixture, u: Array, t: Array) -> _Parts:
     # values are not reproducible under jit (XLA contracts to FMA in one fusion and not in another, a
     # 1e9 discrepancy), so subtract the smallest form first: the leading logits are then moderate.
     quad = jnp.sum(white * white, axis=(-3, -2, -1))                            # (M,)
-    quad_min = jnp.min(quad)
+    # The reference values quad_min and diag_ref cancel between logit and shift, so they are held under
+    # stop_gradient: differentiating a min / max is 0/0 when XLA recomputes its operand in another fusion
+    # with other rounding (the NaN described in _softmax).
+    quad_min = jax.lax.stop_gradient(jnp.min(quad))
     # log det C_i relative to a common reference, from ratios of the factors' diagonals (d * log det C_i
     # itself is ~1e5 for images, whose float32 rounding would be an O(0.01) error in the weights). The
     # reference is the largest diagonal over components: positive even at t = 0, where Sigma_0 is singular.
     # Each group's determinant counts once per data dimension in it (cols = d for a pixel-shared family).
     diag = jnp.diagonal(fac, axis1=-2, axis2=-1)                                 # (M, G, k)
-    diag_ref = jnp.max(diag, axis=0)                                             # (G, k)
+    diag_ref = jax.lax.stop_gradient(jnp.max(diag, axis=0))                      # (G, k)
     logdet_rel = 2.0 * jnp.sum(jnp.log(diag / diag_ref), axis=(-2, -1))        # (M,)
     logit = (jnp.log(jnp.asarray(mix.weights, dtype)) - 0.5 * (quad - quad_min) - 0.5 * cols * logdet_rel)
     # the i-independent remainder of log N(u; m mu_i, I_d (x) C_i):
