@@ -70,7 +70,7 @@ def carried_tables(sde: Any, carried: SquareRoot, K: SquareRoot, ts: np.ndarray)
         s_t = carried.np(t)
         m_t = np.asarray(sde.transition_np(t=t, s=0.0))[..., :, 0]
         s_inv = np.linalg.inv(s_t)
-        w = linalg.matmul(s_inv, m_t[..., None])[..., 0]
+        w = (s_inv @ m_t[..., None])[..., 0]                     # host float64 table
         if K is carried or K.kind == carried.kind:
             kz = np.broadcast_to(np.eye(sde.order), s_t.shape).copy()
         elif carried.kind == "R" and K.kind == "L":              # R = L U: R^{-1} L = U^T (no solve)
