@@ -4,7 +4,7 @@ library's default ``sample(method="gddim", nfe=N)`` (``bench-solvers --peers``; 
 
 The problem is :mod:`bench_solvers`'s: the 8-Gaussian ring (variance 0.01), VP with the family's default
 beta_min = 0.1, beta_max = 20, from T = 1 to t_end = 1e-3, the same prior draws, and the error is the mean
-L2 distance of the data coordinate to the same Dopri5 reference.
+L2 distance of the data coordinate to the same float64 Dopri5 reference (``bench_solvers.reference_x64``).
 
 VP in diffusers' terms: alpha_bar(t) = m_t^2 = exp(-B(t)), B(t) = beta_min t + (beta_max - beta_min) t^2 / 2, and
 sigma = sqrt((1 - alpha_bar) / alpha_bar) (the noise-to-signal ratio). The scheduler's discrete table has
@@ -131,6 +131,7 @@ def run(out_dir: str, nfes=PEER_NFES, n_samples: int = 256, t_end: float = 1e-3,
     import jax
 
     from diffusion_jax import exact, sdes
+    from diffusion_jax.apps.bench_solvers import RING, reference_x64
     from diffusion_jax.exact import exact_eps_fn
     from diffusion_jax.samplers import prior_init, sample
 
@@ -139,13 +140,12 @@ def run(out_dir: str, nfes=PEER_NFES, n_samples: int = 256, t_end: float = 1e-3,
     beta_min, beta_max = float(sde.params["beta_min"]), float(sde.params["beta_max"])
     if sde.T != 1.0:
         raise ValueError(f"the peer run assumes VP with T = 1, got {sde.T}")
-    var = 0.01
-    mix = exact.ring_of_gaussians(8, 1.0, var)
+    var = RING["variance"]
+    mix = exact.ring_of_gaussians(**RING)
     means = np.asarray(mix.means, np.float64)
     fn = exact_eps_fn(sde, mix)
     u0 = prior_init(sde, jax.random.PRNGKey(seed), n_samples, (2,))
-    ref, _ = sample(sde, fn, u0, method="dopri5", rtol=1e-7, atol=1e-7, t_end=t_end, max_steps=100_000)
-    ref = np.asarray(ref[..., 0], np.float64)
+    ref = reference_x64(sde, RING, u0, t_end)
     x_t = np.asarray(u0[..., 0], np.float64)
 
     def err(x):
