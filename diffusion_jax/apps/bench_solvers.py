@@ -460,7 +460,7 @@ def tune(path: str | None = None, families=TUNE_FAMILIES, nfes=TUNE_NFES, n_samp
     from diffusion_jax.samplers import defaults
 
     path = defaults.TUNED_PATH if path is None else path
-    mix = exact.ring_of_gaussians(8, 1.0, 0.01)
+    mix = exact.ring_of_gaussians(**RING)
     from diffusion_jax.samplers.defaults import gain_at
     max_gain = TUNE_MAX_GAIN if max_gain is None else max_gain
     spec = ({str(int(k)): float(v) for k, v in max_gain.items()} if isinstance(max_gain, dict)
