@@ -156,7 +156,7 @@ def run(out_dir: str, nfes=PEER_NFES, n_samples: int = 256, t_end: float = 1e-3,
         u, info = sample(sde, fn, u0, method="gddim", nfe=nfe, t_end=t_end)
         row = dict(nfe=nfe, default=err(u[..., 0]), default_config=str((info.config or {}).get("predict", "")))
         u, _ = sample(sde, fn, u0, method="gddim", nfe=nfe, t_end=t_end, predict="eps")
-        row["denoiser"] = err(u[..., 0])                 # the eps form (order 1, uniform grid: the former default)
+        row["eps_form"] = err(u[..., 0])                 # order 1, uniform grid: the former default
         for name in PEERS:
             best = None
             for spacing in SPACINGS:
@@ -181,7 +181,7 @@ def run(out_dir: str, nfes=PEER_NFES, n_samples: int = 256, t_end: float = 1e-3,
              "| NFE | library default | eps form | " + " | ".join(PEERS) + " | " + " | ".join(f"default / {p}" for p in PEERS)
              + " |", "|---|---|---|" + "---|" * (2 * len(PEERS))]
     for r in rows:
-        lines.append(f"| {r['nfe']} | {r['default']:.2e} ({r['default_config']}) | {r['denoiser']:.2e} | "
+        lines.append(f"| {r['nfe']} | {r['default']:.2e} ({r['default_config']}) | {r['eps_form']:.2e} | "
                      + " | ".join(f"{r[p]:.2e} ({r[p + '_spacing']})" for p in PEERS) + " | "
                      + " | ".join(f"{r['default'] / r[p]:.2f}" for p in PEERS) + " |")
     with open(os.path.join(out_dir, "bench_peers.md"), "w") as f:
